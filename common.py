@@ -214,9 +214,8 @@ def clean_state_dict(state_dict):
     """Strip the prefixes torch.compile (_orig_mod.) and DDP (module.) add to keys."""
     out = {}
     for k, v in state_dict.items():
-        for prefix in ('_orig_mod.', 'module.'):
-            while k.startswith(prefix):
-                k = k[len(prefix):]
+        while k.startswith(('_orig_mod.', 'module.')):
+            k = k.split('.', 1)[1]
         out[k] = v
     return out
 
@@ -245,5 +244,6 @@ def load_model(path, device='cpu'):
         model = GPT(GPTConfig(**ckpt['model_args']), verbose=False)
         model.load_state_dict(clean_state_dict(ckpt['model']))
     except (TypeError, RuntimeError) as e:
-        die(f"checkpoint {path} does not match model.py's GPT ({str(e).splitlines()[0]})")
+        detail = ' '.join(line.strip() for line in str(e).splitlines()[1:])[:300] or str(e)
+        die(f"checkpoint {path} does not match model.py's GPT: {detail}")
     return model.to(device), ckpt

@@ -1,0 +1,123 @@
+"""common.py: the config flags, errors, atomic files and checked loading every script relies on."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import common
+from model import GPT, GPTConfig
+
+DEFAULTS = {'batch_size': 32, 'learning_rate': 6e-4, 'compile': False, 'out_dir': 'out', 'top_k': None}
+
+
+def error_of(fn, *args, **kwargs):
+    """The one-line message a user sees when fn stops the script."""
+    with pytest.raises(SystemExit) as e:
+        fn(*args, **kwargs)
+    msg = str(e.value.code)
+    assert msg.startswith('error: ') and '\n' not in msg, msg
+    return msg
+
+
+def test_flags_override_defaults_with_their_types():
+    cfg = common.parse_config(DEFAULTS, ['--batch_size=8', '--learning_rate=1e-3', '--compile=True',
+                                         '--out_dir=runs/a', '--top_k=50'])
+    assert cfg == {'batch_size': 8, 'learning_rate': 1e-3, 'compile': True, 'out_dir': 'runs/a', 'top_k': 50}
+    assert common.parse_config(DEFAULTS, ['--learning_rate=1'])['learning_rate'] == 1.0  # int is fine for a float
+    assert common.parse_config(DEFAULTS, ['--compile'])['compile'] is True  # bare boolean flag
+    assert common.parse_config(DEFAULTS, ['--out_dir=123'])['out_dir'] == '123'  # a path stays a string
+
+
+def test_config_file_then_flags(tmp_path):
+    f = tmp_path / 'cfg.py'
+    f.write_text("import math\nbatch_size = 4\nlearning_rate = 3e-4 * math.sqrt(4)\n")
+    cfg = common.parse_config(DEFAULTS, [str(f), '--batch_size=2'])
+    assert cfg['batch_size'] == 2 and cfg['learning_rate'] == pytest.approx(6e-4)
+
+
+def test_bad_config_is_one_line_with_the_fix(tmp_path):
+    assert 'unknown option --batchsize' in error_of(common.parse_config, DEFAULTS, ['--batchsize=8'])
+    assert 'valid keys: batch_size' in error_of(common.parse_config, DEFAULTS, ['--nope=1'])
+    assert 'batch_size must be int' in error_of(common.parse_config, DEFAULTS, ['--batch_size=eight'])
+    assert 'compile must be bool' in error_of(common.parse_config, DEFAULTS, ['--compile=1'])
+    assert 'needs a value' in error_of(common.parse_config, DEFAULTS, ['--batch_size'])
+    assert 'not found' in error_of(common.parse_config, DEFAULTS, ['missing.py'])
+    bad = tmp_path / 'bad.py'
+    bad.write_text("batch_size = 4\nlearnig_rate = 1e-3\n")
+    assert "unknown key 'learnig_rate'" in error_of(common.parse_config, DEFAULTS, [str(bad)])
+    broken = tmp_path / 'broken.py'
+    broken.write_text("batch_size = (\n")
+    assert 'failed to run' in error_of(common.parse_config, DEFAULTS, [str(broken)])
+
+
+def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / 'x.json'
+    common.save_json({'a': 1}, path)
+
+    def crash(f):
+        f.write(b'half a fi')
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        common.atomic_write(path, crash)
+    assert json.loads(path.read_text()) == {'a': 1}
+    assert os.listdir(tmp_path) == ['x.json']  # no temp file left behind
+
+
+def write_data(tmp_path, tokens, vocab_size=50257, meta_tokens=None):
+    np.asarray(tokens, dtype=np.uint16).tofile(tmp_path / 'val.bin')
+    n = len(tokens) if meta_tokens is None else meta_tokens
+    common.save_json({'vocab_size': vocab_size, 'dtype': 'uint16',
+                      'splits': {'val': {'file': 'val.bin', 'tokens': n}}}, tmp_path / 'meta.json')
+
+
+def test_open_split_checks_the_bins_against_meta(tmp_path):
+    assert 'run `python prepare.py`' in error_of(common.open_split, tmp_path, 'val')
+    write_data(tmp_path, [1, 2, 3, 50256])
+    assert list(common.open_split(tmp_path, 'val', 50257)) == [1, 2, 3, 50256]
+    assert "no 'train' split" in error_of(common.open_split, tmp_path, 'train')
+    assert 'vocab_size=50257' in error_of(common.open_split, tmp_path, 'val', 1000)
+    write_data(tmp_path, [1, 2, 3], meta_tokens=4)  # truncated bin
+    assert 'truncated or stale' in error_of(common.open_split, tmp_path, 'val')
+    (tmp_path / 'meta.json').write_text('{"splits": ')
+    assert 'unreadable' in error_of(common.open_split, tmp_path, 'val')
+
+
+def tiny_checkpoint(prefix=''):
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    model = GPT(cfg, verbose=False)
+    state = {prefix + k: v for k, v in model.state_dict().items()}
+    return model, {'model': state, 'model_args': vars(cfg)}
+
+
+@pytest.mark.parametrize('prefix', ['', '_orig_mod.', 'module.', 'module._orig_mod.'])
+def test_load_model_accepts_compiled_and_ddp_state_dicts(tmp_path, prefix):
+    model, ckpt = tiny_checkpoint(prefix)
+    common.torch_save(ckpt, tmp_path / 'ckpt.pt')
+    loaded, _ = common.load_model(str(tmp_path / 'ckpt.pt'))
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+
+
+def test_unreadable_checkpoints_are_one_line_errors(tmp_path):
+    assert 'run `python train.py` first' in error_of(common.read_checkpoint, str(tmp_path / 'none.pt'))
+    _, ckpt = tiny_checkpoint()
+    common.torch_save(ckpt, tmp_path / 'good.pt')
+    data = (tmp_path / 'good.pt').read_bytes()
+    (tmp_path / 'cut.pt').write_bytes(data[:len(data) // 2])
+    assert 'corrupt, truncated' in error_of(common.read_checkpoint, str(tmp_path / 'cut.pt'))
+    torch.save({'weights': 1}, tmp_path / 'other.pt')
+    assert 'not an SLM checkpoint' in error_of(common.read_checkpoint, str(tmp_path / 'other.pt'))
+    ckpt['model_args']['n_embd'] = 32
+    common.torch_save(ckpt, tmp_path / 'mismatch.pt')
+    assert 'does not match' in error_of(common.load_model, str(tmp_path / 'mismatch.pt'))
+
+
+def test_device_and_dtype_choice():
+    assert common.pick_device('auto') == 'cpu'  # CI and this machine have no GPU
+    assert common.pick_dtype('auto', 'cpu') == 'float32'
+    assert common.pick_dtype('bfloat16', 'cpu') == 'bfloat16'
+    assert 'not one of' in error_of(common.pick_dtype, 'fp8', 'cpu')
