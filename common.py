@@ -222,8 +222,12 @@ def clean_state_dict(state_dict):
 
 def read_checkpoint(path, map_location='cpu'):
     import torch
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, 'config.json')):
+        from export import load_hf_folder  # a Hugging Face GPT-2 folder (export.py writes these)
+        return load_hf_folder(path)
     if os.path.isdir(path):
-        die(f"{path} is a folder, not a checkpoint file: pass --ckpt=FOLDER/best_model_params.pt")
+        die(f"{path} is a folder, not a checkpoint file: pass --ckpt=FOLDER/best_model_params.pt "
+            f"(or a Hugging Face GPT-2 folder holding config.json)")
     if not os.path.isfile(path):
         die(f"no checkpoint at {path}: run `python train.py` first (or pass --ckpt=PATH)")
     try:
