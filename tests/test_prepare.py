@@ -1,0 +1,342 @@
+"""prepare.py: exact tokens, meta.json, idempotence, atomic writes, bad input, the offline error."""
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import common
+import prepare
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEP = '<|endoftext|>'
+
+
+def run_prepare(*args, env=None, timeout=120):
+    """python prepare.py ARGS from the repo root; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, 'prepare.py', *args], cwd=REPO, capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def one_line_error(result):
+    assert result.returncode != 0, result.stdout
+    err = result.stderr.strip()
+    assert err.startswith('error: ') and '\n' not in err, err  # one line, no traceback
+    return err
+
+
+def stripped_stories(path):
+    """The expected stories, computed the obvious way (the whole file at once)."""
+    with open(path, encoding='utf-8') as f:
+        return [s.strip() for s in f.read().split(SEP) if s.strip()]
+
+
+def expected_tokens(stories):
+    enc = common.get_tokenizer()
+    return np.array([t for s in stories for t in enc.encode_ordinary(s) + [common.EOT_TOKEN]], dtype=np.uint16)
+
+
+def files_args(stories_dir, out_dir, train='train.txt', val='validation.txt'):
+    return [f'--train_files={stories_dir / train}', f'--val_files={stories_dir / val}', f'--out_dir={out_dir}']
+
+
+@pytest.fixture(scope='module')
+def prepared(stories_dir, tmp_path_factory):
+    """The real sample prepared once through the command line."""
+    out = tmp_path_factory.mktemp('prepared')
+    result = run_prepare(*files_args(stories_dir, out))
+    assert result.returncode == 0, result.stderr
+    return out, result.stdout
+
+
+def test_bins_decode_to_the_stripped_stories_joined_by_eot(prepared, stories_dir):
+    out, _ = prepared
+    enc = common.get_tokenizer()
+    for split, name in (('train', 'train.txt'), ('val', 'validation.txt')):
+        stories = stripped_stories(stories_dir / name)
+        tokens = np.fromfile(out / f'{split}.bin', dtype=np.uint16)
+        assert enc.decode(tokens.tolist()) == SEP.join(stories) + SEP
+        assert np.array_equal(tokens, expected_tokens(stories))  # encode_ordinary per story, then EOT
+        assert (tokens == common.EOT_TOKEN).sum() == len(stories)
+        assert tokens[-1] == common.EOT_TOKEN
+
+
+def test_meta_describes_the_bins(prepared, stories_dir):
+    out, stdout = prepared
+    meta = json.loads((out / 'meta.json').read_text())
+    assert (meta['tokenizer'], meta['vocab_size'], meta['eot_token'], meta['dtype']) == ('gpt2', 50257, 50256, 'uint16')
+    assert meta['sources'] == {'train': [str(stories_dir / 'train.txt')], 'val': [str(stories_dir / 'validation.txt')]}
+    for split, name in (('train', 'train.txt'), ('val', 'validation.txt')):
+        info, stories = meta['splits'][split], stripped_stories(stories_dir / name)
+        data = (out / info['file']).read_bytes()
+        assert info['file'] == f'{split}.bin'
+        assert info['tokens'] * 2 == len(data)
+        assert info['stories'] == len(stories)
+        assert info['text_bytes'] == sum(len(s.encode('utf-8')) for s in stories)
+        assert info['sha256'] == hashlib.sha256(data).hexdigest()
+        assert len(common.open_split(str(out), split, 50257)) == info['tokens']
+    assert meta['splits']['train']['stories'] == 2800 and meta['splits']['val']['stories'] == 317
+    total = sum(s['tokens'] for s in meta['splits'].values())
+    assert f"done: 3,117 stories, {total:,} tokens" in stdout  # the summary line
+
+
+def test_several_files_and_one_process_give_the_same_tokens(stories_dir, tmp_path):
+    train = [str(stories_dir / 'sample5.txt'), str(stories_dir / 'validation.txt')]
+    val = [str(stories_dir / 'sample5.txt')]
+    one = prepare.prepare_files(train, val, str(tmp_path / 'one'), num_proc=1)
+    two = prepare.prepare_files(train, val, str(tmp_path / 'two'), num_proc=2)
+    assert one['splits'] == two['splits']
+    tokens = np.fromfile(tmp_path / 'two' / 'train.bin', dtype=np.uint16)
+    assert np.array_equal(tokens, expected_tokens(stripped_stories(train[0]) + stripped_stories(train[1])))
+
+
+def test_chunks_never_cut_a_story_or_a_character(tmp_path):
+    # no trailing separator, CRLF, a BOM, blank lines, multi-byte characters, one long story
+    text = ('\ufeffÉmile and the 🐉 dragon.\r\n<|endoftext|>\r\n\n  Zoë said "héllo" — ünïcode.\n'
+            '<|endoftext|>\n' + 'A very long story. ' * 50 + '\n<|endoftext|>\n\n<|endoftext|>\nThe end 🎉')
+    path = tmp_path / 'odd.txt'
+    path.write_bytes(text.encode('utf-8'))
+    expected = [s.strip() for s in text.removeprefix('\ufeff').split(SEP) if s.strip()]
+    assert len(expected) == 4
+    assert prepare.read_stories(str(path)) == expected
+    for size in (1, 2, 3, 7, 13, 64, 1000):
+        got = [s for chunk in prepare.read_chunks(str(path), size=size) for s in prepare.split_stories(chunk)]
+        assert got == expected, size
+
+
+def test_encode_stories_matches_encode_ordinary():
+    stories = ['Once upon a time.', 'Zoë 🐉  spaces   \n\n and lines', 'x' * 3000, 'a' + SEP + 'b', '']
+    for batch in (stories[:3], stories, [], ['lone \ud800 surrogate']):
+        enc = common.get_tokenizer()
+        want = [t for s in batch for t in enc.encode_ordinary(s) + [common.EOT_TOKEN]]
+        got = prepare.encode_stories(batch)
+        assert got.dtype == np.uint16 and got.tolist() == want
+
+
+def test_rerun_is_a_noop_and_force_rebuilds(stories_dir, tmp_path):
+    out = tmp_path / 'data'
+    args = files_args(stories_dir, out, train='sample5.txt', val='sample5.txt')
+    assert run_prepare(*args).returncode == 0
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.iterdir()}
+    again = run_prepare(*args)
+    assert again.returncode == 0 and 'already prepared' in again.stdout and 'done:' not in again.stdout
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.iterdir()} == before
+    forced = run_prepare(*args, '--force')
+    assert forced.returncode == 0 and 'done:' in forced.stdout
+    after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.iterdir()}
+    assert sorted(after) == ['meta.json', 'train.bin', 'val.bin'] and after != before
+    # other sources into the same folder: refused unless --force
+    other = files_args(stories_dir, out, train='validation.txt', val='sample5.txt')
+    with pytest.raises(SystemExit, match='already holds data prepared from other sources.*--force'):
+        prepare.main(other)
+    assert prepare.main(other + ['--force']) is None
+    assert prepare.complete_meta(str(out))['splits']['train']['stories'] == 317
+    # a truncated bin is not complete: a plain re-run rebuilds it
+    with open(out / 'val.bin', 'r+b') as f:
+        f.truncate(10)
+    assert prepare.complete_meta(str(out)) is None
+    prepare.main(other)
+    assert len(common.open_split(str(out), 'val')) == prepare.complete_meta(str(out))['splits']['val']['tokens']
+
+
+def test_interrupt_while_swapping_files_leaves_nothing_complete(stories_dir, tmp_path, monkeypatch):
+    out = str(tmp_path / 'data')
+    sample = [str(stories_dir / 'sample5.txt')]
+    prepare.prepare_files(sample, sample, out, num_proc=1)  # an older complete run
+    real_replace, calls = os.replace, []
+
+    def replace_then_interrupt(src, dst):  # Ctrl-C after train.bin was swapped in, before val.bin
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, 'replace', replace_then_interrupt)
+    with pytest.raises(SystemExit) as e:
+        prepare.main(files_args(stories_dir, out, train='validation.txt', val='sample5.txt') + ['--force'])
+    monkeypatch.undo()
+    assert 'interrupted' in str(e.value.code)
+    assert sorted(os.listdir(out)) == ['train.bin', 'val.bin']  # no meta.json, no temp files
+    assert prepare.complete_meta(out) is None
+    with pytest.raises(SystemExit, match='prepare.py'):
+        common.open_split(out, 'train')
+
+
+def test_interrupt_while_tokenizing_keeps_the_old_complete_output(stories_dir, tmp_path, monkeypatch):
+    out = str(tmp_path / 'data')
+    sample = [str(stories_dir / 'sample5.txt')]
+    old = prepare.prepare_files(sample, sample, out, num_proc=1)
+    real_write_split = prepare.write_split
+
+    def write_then_interrupt(name, results, path, total=None):
+        def interrupted():
+            yield next(results)
+            raise KeyboardInterrupt
+        return real_write_split(name, interrupted(), path, total)
+
+    monkeypatch.setattr(prepare, 'write_split', write_then_interrupt)
+    train = [str(stories_dir / 'validation.txt')]
+    with pytest.raises(KeyboardInterrupt):
+        prepare.write_dataset(out, {'train': (prepare._encode_text, prepare.read_chunks(train[0], size=4096), None),
+                                    'val': (prepare._encode_text, prepare.read_chunks(sample[0]), None)},
+                              {'train': train, 'val': sample}, num_proc=2)
+    assert sorted(os.listdir(out)) == ['meta.json', 'train.bin', 'val.bin']  # temp files removed
+    assert prepare.complete_meta(out) == old  # the old run is untouched and still complete
+
+
+def test_killed_run_leaves_no_meta_and_the_next_run_recovers(stories_dir, tmp_path):
+    out = tmp_path / 'data'
+    # SIGKILL (no cleanup possible) after the first piece of train.bin reached the disk
+    code = ("import os, signal, sys, prepare\n"
+            "real = prepare.write_split\n"
+            "def killed(name, results, path, total=None):\n"
+            "    def gen():\n"
+            "        yield next(results)\n"
+            "        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    return real(name, gen(), path, total)\n"
+            "prepare.write_split = killed\n"
+            "prepare.main(sys.argv[1:])\n")
+    args = files_args(stories_dir, out) + ['--num_proc=1']
+    killed = subprocess.run([sys.executable, '-c', code, *args], cwd=REPO, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL
+    left = os.listdir(out)
+    assert 'meta.json' not in left and any('.tmp' in name for name in left), left
+    again = run_prepare(*args)
+    assert again.returncode == 0 and 'interrupted run' in again.stdout
+    assert sorted(os.listdir(out)) == ['meta.json', 'train.bin', 'val.bin']
+    assert prepare.complete_meta(str(out))['splits']['train']['stories'] == 2800
+
+
+def bad_inputs(tmp_path, stories_dir):
+    good = str(stories_dir / 'sample5.txt')
+    (tmp_path / 'empty.txt').write_bytes(b'')
+    (tmp_path / 'nostories.txt').write_text(f'\n{SEP}\n   \n{SEP}\n\n')
+    (tmp_path / 'latin1.txt').write_bytes(f'A fine story.\n{SEP}\nCaf'.encode() + b'\xe9 au lait.\n')
+    (tmp_path / 'afile').write_text('not a folder')
+    return {
+        'missing file': ([f'--train_files={tmp_path}/nope.txt', f'--val_files={good}'], 'not found'),
+        'empty file': ([f'--train_files={good}', f'--val_files={tmp_path}/empty.txt'], 'is empty'),
+        'no stories': ([f'--train_files={good}', f'--val_files={tmp_path}/nostories.txt'], 'holds no stories'),
+        'invalid utf-8': ([f'--train_files={good}', f'--val_files={tmp_path}/latin1.txt'],
+                          f'not valid UTF-8 (bad byte at offset {len(f"A fine story.{chr(10)}{SEP}{chr(10)}Caf")})'),
+        'folder as file': ([f'--train_files={tmp_path}', f'--val_files={good}'], 'is not a file'),
+        'unwritable out_dir': ([f'--train_files={good}', f'--val_files={good}', f'--out_dir={tmp_path}/afile/data'],
+                               'cannot create out_dir'),
+        'unknown flag': ([f'--train_files={good}', f'--val_files={good}', '--bogus=1'], 'unknown option --bogus'),
+        'only train files': ([f'--train_files={good}'], 'give both --train_files and --val_files'),
+        'wrong type': ([f'--train_files={good}', f'--val_files={good}', '--num_proc=many'], 'num_proc must be int'),
+    }
+
+
+@pytest.mark.parametrize('case', ['missing file', 'empty file', 'no stories', 'invalid utf-8', 'folder as file',
+                                  'unwritable out_dir', 'unknown flag', 'only train files', 'wrong type'])
+def test_bad_input_gives_one_line_and_no_output(case, tmp_path, stories_dir):
+    args, message = bad_inputs(tmp_path, stories_dir)[case]
+    out = tmp_path / 'out'
+    if not any(a.startswith('--out_dir') for a in args):
+        args = args + [f'--out_dir={out}']
+    assert message in one_line_error(run_prepare(*args))
+    assert not out.exists() or os.listdir(out) == []  # nothing written, no temp files left
+
+
+def test_bad_input_on_force_keeps_the_old_output(tmp_path, stories_dir):
+    out = tmp_path / 'out'
+    good = str(stories_dir / 'sample5.txt')
+    assert run_prepare(f'--train_files={good}', f'--val_files={good}', f'--out_dir={out}').returncode == 0
+    old = prepare.complete_meta(str(out))
+    (tmp_path / 'bad.txt').write_bytes(b'\xff\xfe broken')
+    args = [f'--train_files={good}', f'--val_files={tmp_path}/bad.txt', f'--out_dir={out}', '--force']
+    assert 'UTF-8' in one_line_error(run_prepare(*args))
+    assert prepare.complete_meta(str(out)) == old and sorted(os.listdir(out)) == ['meta.json', 'train.bin', 'val.bin']
+
+
+@pytest.mark.skipif(hasattr(os, 'geteuid') and os.geteuid() == 0, reason='root writes through permissions')
+def test_read_only_out_dir(tmp_path, stories_dir):
+    out = tmp_path / 'ro'
+    out.mkdir()
+    out.chmod(0o500)
+    good = str(stories_dir / 'sample5.txt')
+    err = one_line_error(run_prepare(f'--train_files={good}', f'--val_files={good}', f'--out_dir={out}'))
+    assert 'writable --out_dir' in err
+
+
+def closed_port():
+    """A local port nobody listens on (bound, never listening): connecting is refused at once."""
+    s = socket.socket()
+    s.bind(('127.0.0.1', 0))
+    return s, s.getsockname()[1]
+
+
+def offline_env(tmp_path, **extra):
+    env = {k: v for k, v in os.environ.items() if 'proxy' not in k.lower() and not k.startswith('HF_')}
+    env.update(HF_HOME=str(tmp_path / 'hf-home'), **extra)  # an empty Hugging Face cache
+    return env
+
+
+def test_unreachable_hub_fails_fast_naming_the_offline_routes(tmp_path):
+    sock, port = closed_port()
+    with sock:  # the hub "lives" on a refused local port: the network is never touched
+        env = offline_env(tmp_path, HF_ENDPOINT=f'http://127.0.0.1:{port}')
+        t0 = time.time()
+        result = run_prepare(f'--out_dir={tmp_path}/data', env=env)
+    err = one_line_error(result)
+    assert time.time() - t0 < 20  # not datasets' ~25 s of retries
+    assert 'cannot reach the Hugging Face hub' in err
+    assert '--train_files=' in err and '--val_files=' in err and 'TIKTOKEN_CACHE_DIR' in err
+    assert not (tmp_path / 'data').exists()
+
+
+def test_hub_probe(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise ConnectionRefusedError
+    for key in ('HTTPS_PROXY', 'https_proxy', 'ALL_PROXY', 'all_proxy'):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(socket, 'create_connection', refuse)
+    assert prepare.hub_reachable() is False
+    monkeypatch.setenv('HTTPS_PROXY', 'http://proxy.example:3128')  # behind a proxy datasets decides
+    assert prepare.hub_reachable() is True
+
+
+def test_missing_tokenizer_files_fail_with_the_tiktoken_cache_hint(tmp_path, stories_dir):
+    sock, port = closed_port()
+    with sock:  # an empty tiktoken cache and a refused local proxy: the BPE download fails at once
+        env = offline_env(tmp_path, TIKTOKEN_CACHE_DIR=str(tmp_path / 'empty-cache'),
+                          HTTPS_PROXY=f'http://127.0.0.1:{port}', HTTP_PROXY=f'http://127.0.0.1:{port}')
+        result = run_prepare(*files_args(stories_dir, tmp_path / 'data', 'sample5.txt', 'sample5.txt'), env=env)
+    err = one_line_error(result)
+    assert 'GPT-2 tokenizer' in err and 'TIKTOKEN_CACHE_DIR' in err
+    assert not (tmp_path / 'data').exists()
+
+
+def test_hub_code_path_on_a_local_dataset_folder(stories_dir, tmp_path, prepared):
+    # a datasets-loadable folder (train/validation jsonl, a 'text' column) goes through
+    # load_dataset and the batched iteration, offline, and must give the same bins
+    folder = tmp_path / 'ts'
+    folder.mkdir()
+    for split, name in (('train', 'train.txt'), ('validation', 'validation.txt')):
+        rows = [json.dumps({'text': f'\n{s}  \n'}) for s in stripped_stories(stories_dir / name)]
+        (folder / f'{split}.jsonl').write_text('\n'.join(rows + [json.dumps({'text': '   '})]) + '\n')
+    out = tmp_path / 'data'
+    result = run_prepare(f'--dataset={folder}', f'--out_dir={out}', env=offline_env(tmp_path))
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((out / 'meta.json').read_text())
+    reference = json.loads((prepared[0] / 'meta.json').read_text())
+    assert meta['splits'] == reference['splits']  # same tokens, stories, bytes and sha256
+    assert meta['sources'] == {'train': [f'hf:{folder}:train'], 'val': [f'hf:{folder}:validation']}
+
+
+def _die_in_worker(task):
+    os._exit(3)  # like the OOM killer taking a worker
+
+
+def test_a_dying_worker_stops_the_run_instead_of_hanging(tmp_path):
+    out = str(tmp_path / 'data')
+    with pytest.raises(SystemExit, match='tokenizer process died'):
+        prepare.write_dataset(out, {'train': (_die_in_worker, ['a story'] * 3, None)}, {'train': []}, num_proc=2)
+    assert os.listdir(out) == []
