@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -25,6 +26,16 @@ class GPTConfig:
     bias: bool = True        # biases in Linear and LayerNorm, as GPT-2
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout keeping a 1-byte mask for backward on CPU, where F.dropout keeps a float32
+    noise tensor (4x the memory); native_dropout is what CUDA runs for F.dropout anyway."""
+
+    def forward(self, x):
+        if self.training and self.p > 0 and x.device.type == 'cpu':
+            return torch.native_dropout(x, self.p, True)[0]
+        return super().forward(x)
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
@@ -32,7 +43,7 @@ class CausalSelfAttention(nn.Module):
         assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = Dropout(config.dropout)
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
@@ -43,10 +54,60 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        if self.training and self.dropout > 0 and x.device.type != 'cuda':
+            # off CUDA, attention dropout sends SDPA to its math path, which keeps three
+            # (B, nh, T, T) tensors per layer for backward: recompute them in backward
+            # instead (checkpoint replays the same dropout mask), ~1% more work
+            y = checkpoint(F.scaled_dot_product_attention, q, k, v, is_causal=True,
+                           dropout_p=self.dropout, use_reentrant=False)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+    def forward_cached(self, x, cache, pos, last_only=False):
+        """Generation: write the keys/values of x's T tokens (window positions pos..pos+T-1)
+        into cache, a preallocated (k, v) pair of (B, n_head, block_size, head_size), and
+        attend over everything cached so far. A chunk of several tokens always starts at
+        pos 0, so the causal mask lines up; last_only keeps just the last query."""
+        B, T, C = x.size()
+        k_cache, v_cache = cache
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        k_cache[:, :, pos:pos + T] = k
+        v_cache[:, :, pos:pos + T] = v
+        if last_only:
+            q = q[:, :, -1:]
+        y = F.scaled_dot_product_attention(q, k_cache[:, :, :pos + T], v_cache[:, :, :pos + T],
+                                           is_causal=q.size(2) > 1,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, q.size(2), C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class GeluLinear(torch.autograd.Function):
+    """F.linear(gelu(h), weight, bias), keeping only h for backward and recomputing gelu(h)
+    there. Plain autograd keeps both h and gelu(h): two (B, T, 4C) tensors per layer, the
+    largest activations. The GELU is the exact erf one (HF's "gelu"), not GPT-2's tanh."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias):
+        ctx.save_for_backward(h, weight)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return F.linear(F.gelu(h), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, weight = ctx.saved_tensors
+        with torch.enable_grad():  # under autocast h and grad_out are bf16/fp16, weight fp32
+            h = h.detach().requires_grad_()
+            a = F.gelu(h)
+        grad_a = grad_out @ weight.to(grad_out.dtype)
+        grad_h, = torch.autograd.grad(a, h, grad_a)
+        rows = grad_out.reshape(-1, grad_out.size(-1))
+        grad_w = (rows.t() @ a.detach().reshape(-1, a.size(-1)).to(rows.dtype)).to(weight.dtype)
+        grad_b = None if ctx.bias_dtype is None else rows.sum(0).to(ctx.bias_dtype)
+        return grad_h, grad_w, grad_b
 
 
 class MLP(nn.Module):
@@ -54,12 +115,11 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()  # exact erf GELU (HF's "gelu"), not the tanh approximation
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        return self.dropout(GeluLinear.apply(self.c_fc(x), self.c_proj.weight, self.c_proj.bias))
 
 
 class Block(nn.Module):
@@ -75,6 +135,12 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x))
         x = x + self.mlp(self.ln_2(x))
         return x
+
+    def forward_cached(self, x, cache, pos, last_only=False):
+        """forward() for generation with a kv cache (see CausalSelfAttention.forward_cached)."""
+        a = self.attn.forward_cached(self.ln_1(x), cache, pos, last_only)
+        x = (x[:, -1:] if last_only else x) + a
+        return x + self.mlp(self.ln_2(x))
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -95,23 +161,32 @@ class LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             xc, wc = x.to(compute_dtype), weight.to(compute_dtype)
             valid = targets != -1
+            targets = targets.clamp(min=0)
             n_valid = valid.sum().clamp(min=1)
             acc_dtype = torch.promote_types(compute_dtype, torch.float32)  # bf16/fp16 -> fp32
             loss_sum = torch.zeros((), dtype=acc_dtype, device=x.device)
-            grad_x = torch.zeros_like(x) if needs_grad else None
+            grad_x = torch.empty_like(x) if needs_grad else None  # every row is written below
             grad_w = torch.zeros_like(weight, dtype=acc_dtype) if needs_grad else None
+            # one logits buffer for all chunks: no per-chunk allocation (on CPU each fresh
+            # 100+ MB buffer costs ~25k page faults), and softmax is built in it in place
+            buf = torch.empty(min(chunk_size, x.shape[0]), weight.shape[0], dtype=acc_dtype, device=x.device)
             for s in range(0, x.shape[0], chunk_size):
                 xs, ts, vs = xc[s:s + chunk_size], targets[s:s + chunk_size], valid[s:s + chunk_size]
-                logits = (xs @ wc.t()).to(acc_dtype)
-                lse = torch.logsumexp(logits, dim=-1)
-                target_logit = logits.gather(1, ts.clamp(min=0).unsqueeze(1)).squeeze(1)
+                logits = buf[:len(xs)]
+                if compute_dtype == acc_dtype:
+                    torch.mm(xs, wc.t(), out=logits)
+                else:
+                    logits.copy_(xs @ wc.t())
+                target_logit = logits.gather(1, ts.unsqueeze(1)).squeeze(1)
+                maxes = logits.amax(dim=1, keepdim=True)
+                sumexp = logits.sub_(maxes).exp_().sum(dim=1)  # logits now hold exp(logit - max)
+                lse = maxes.squeeze(1) + sumexp.log()
                 loss_sum += ((lse - target_logit) * vs).sum()
                 if needs_grad:
-                    # d loss / d logits = softmax - onehot, built in place in the logits buffer
-                    probs = logits.sub_(lse.unsqueeze(1)).exp_()
+                    # d loss / d logits = softmax - onehot (zero on ignored rows), in place
+                    probs = logits.mul_((vs / sumexp).unsqueeze(1))
                     rows = torch.arange(len(ts), device=x.device)
-                    probs[rows, ts.clamp(min=0)] -= 1.0
-                    probs.mul_(vs.unsqueeze(1))
+                    probs[rows, ts] -= vs.to(probs.dtype)
                     g = probs.to(compute_dtype)
                     grad_x[s:s + chunk_size] = (g @ wc).to(x.dtype)
                     if g.dtype == grad_w.dtype:
@@ -139,13 +214,13 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
+            drop=Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
-        self.ce_chunk_size = 1024  # rows of logits alive at once in the training loss
+        self.ce_chunk_size = 512  # rows of logits alive at once in the training loss (100 MB fp32)
 
         # GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)
         self.apply(self._init_weights)
@@ -209,3 +284,133 @@ class GPT(nn.Module):
     def estimate_mfu(self, tokens_per_iter, dt, peak_flops):
         """Model FLOPs utilization: achieved model FLOP/s over the given peak FLOP/s."""
         return self.flops_per_token() * tokens_per_iter / dt / peak_flops
+
+    # -------------------------------------------------------------------------
+    # generation
+
+    def new_kv_cache(self, batch_size):
+        """Per layer a (k, v) pair of empty (batch_size, n_head, block_size, head_size) buffers,
+        in the dtype the attention computes in (autocast's, if on)."""
+        cfg, weight = self.config, self.lm_head.weight
+        device_type = weight.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+        shape = (batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
+        return [(torch.empty(shape, dtype=dtype, device=weight.device),
+                 torch.empty(shape, dtype=dtype, device=weight.device)) for _ in range(cfg.n_layer)]
+
+    def forward_cached(self, idx, cache, pos):
+        """Logits (B, vocab_size) of the token that follows idx (B, T), whose tokens sit at
+        window positions pos..pos+T-1; their keys and values go into cache (new_kv_cache).
+        Only the last position goes past the last block's attention and into lm_head."""
+        T = idx.size(1)
+        assert T == 1 or pos == 0, "a chunk of several tokens fills the cache from position 0"
+        assert pos + T <= self.config.block_size
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe.weight[pos:pos + T])
+        last = len(self.transformer.h) - 1
+        for i, block in enumerate(self.transformer.h):
+            x = block.forward_cached(x, cache[i], pos, last_only=(i == last))
+        return self.lm_head(self.transformer.ln_f(x[:, -1]))
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eot_token=None,
+                 use_kv_cache=True, fast_window=False):
+        """Append up to max_new_tokens tokens to each row of idx (B, T) and return (B, T + n),
+        as nanoGPT's generate. With eot_token, a row stops at its first eot_token and is padded
+        with eot_token while the others go on; generation ends once every row has stopped.
+        Call model.eval() first. See generate_stream for the options."""
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eot_token,
+                                        use_kv_cache, fast_window))
+        return torch.cat([idx] + [t.unsqueeze(1) for t in new], dim=1)
+
+    @torch.no_grad()
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                        eot_token=None, use_kv_cache=True, fast_window=False):
+        """Yield the next token of every row of idx (B, T), a (B,) tensor, step by step.
+
+        The model sees the last block_size tokens, as nanoGPT crops its context. With the kv
+        cache (default) the prompt is run once and then one token per step, reusing the
+        keys/values of earlier tokens. Past block_size every position shifts by one each step
+        (positions are learned and absolute), so the exact way re-runs the whole window per
+        step. fast_window=True instead keeps the last block_size // 2 tokens when the window
+        is full and goes on one token per step: much faster for long texts, but each token
+        then sees 64..128 tokens of context instead of 128 (README: speed and cost in loss).
+        use_kv_cache=False is nanoGPT's loop, the reference: re-run the context every step.
+        temperature 0 is greedy; see sample_logits for top_k and top_p. With eot_token, a row
+        that has produced it yields eot_token from then on, and the stream ends once all have.
+        """
+        B, T = idx.shape
+        if T == 0:
+            raise ValueError("generate needs a prompt of at least one token (e.g. <|endoftext|>)")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+        block_size = self.config.block_size
+        tokens = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
+        tokens[:, :T] = idx
+        n = T  # tokens so far
+        finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        cache = self.new_kv_cache(B) if use_kv_cache else None
+        pos = 0  # tokens held in the cache
+        for _ in range(max_new_tokens):
+            if not use_kv_cache:
+                logits = self(tokens[:, max(0, n - block_size):n])[0][:, -1]
+            elif pos == 0 or pos == block_size:  # run the prompt, or the window is full
+                keep = block_size // 2 if fast_window and pos == block_size else block_size
+                context = tokens[:, max(0, n - keep):n]
+                logits = self.forward_cached(context, cache, 0)
+                pos = context.size(1)
+            else:  # one new token at the next free position
+                logits = self.forward_cached(tokens[:, n - 1:n], cache, pos)
+                pos += 1
+            next_token = sample_logits(logits, temperature, top_k, top_p)
+            if eot_token is not None:
+                next_token.masked_fill_(finished, eot_token)  # rows already done only pad
+                finished |= next_token == eot_token
+            tokens[:, n] = next_token
+            n += 1
+            yield next_token
+            if eot_token is not None and finished.all():
+                return
+
+
+def sample_logits(logits, temperature=1.0, top_k=None, top_p=None):
+    """One token id per row of logits (B, V): argmax at temperature 0, else a draw from
+    softmax(logits / temperature) restricted to the top_k most likely tokens and then to
+    the nucleus: the fewest most-likely tokens whose probabilities add up to >= top_p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    nucleus = top_p is not None and top_p < 1.0
+    if top_k is None and not nucleus:
+        return draw(F.softmax(logits, dim=-1))
+    if top_k is not None:
+        top_logits, top_idx = torch.topk(logits, min(top_k, logits.size(-1)))  # most likely first
+        probs = F.softmax(top_logits, dim=-1)
+    else:
+        # sorting 50k probabilities takes milliseconds on a CPU, and the nucleus is nearly
+        # always among the 1000 most likely tokens: sort all only when it is not
+        probs = F.softmax(logits, dim=-1)
+        top_probs, top_idx = torch.topk(probs, min(1000, probs.size(-1)))
+        if (top_probs.sum(dim=-1) < top_p).any():
+            top_probs, top_idx = torch.sort(probs, dim=-1, descending=True)
+        probs = top_probs
+    if nucleus:
+        # drop a token once the more likely ones before it already reach top_p (keeps >= 1 token)
+        probs[probs.cumsum(dim=-1) - probs >= top_p] = 0.0
+    return top_idx.gather(-1, draw(probs).unsqueeze(1)).squeeze(1)
+
+
+def draw(probs):
+    """One index per row of probs (B, V), index i with probability probs[i] / probs.sum().
+
+    Inverse CDF: one uniform number per row. (torch.multinomial draws one exponential per
+    entry: about 1 ms per token on a CPU over 50k tokens, a tenth of a generation step.)
+    """
+    cdf = probs.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    u = torch.rand_like(total) * torch.nextafter(total, torch.zeros_like(total))  # in [0, total)
+    # the first entry whose cdf exceeds u; zero-probability entries never are the first
+    return torch.searchsorted(cdf, u, right=True).squeeze(1)

@@ -1,0 +1,133 @@
+"""
+Write stories with a trained SLM model, streamed to the terminal as they are generated.
+
+    python sample.py --start="A little girl"         # continue a prompt
+    python sample.py --start=FILE:prompt.txt         # the prompt from a file
+    python sample.py --num_samples=1 --temperature=0 # greedy: the single most likely story
+    python sample.py --ckpt=other/best_model_params.pt --top_p=0.9
+
+Every sample starts as a fresh story (after <|endoftext|>, which the training data puts
+before each story) and ends at the model's next <|endoftext|> or after max_new_tokens.
+The text goes to stdout; warnings and the speed summary go to stderr.
+"""
+import codecs
+import os
+import sys
+import time
+
+import torch
+
+from common import (autocast, config_defaults, die, get_tokenizer, load_model,
+                    parse_config, pick_device, pick_dtype)
+
+# -----------------------------------------------------------------------------
+out_dir = 'out'          # reads out_dir/best_model_params.pt, the best checkpoint train.py saved
+ckpt = ''                # a checkpoint file (or exported folder) to use instead
+start = ''               # the prompt, or FILE:path to read it from a file; '' = a story from scratch
+num_samples = 3
+max_new_tokens = 300     # per sample; most TinyStories stories end well before
+temperature = 0.8        # 0 = greedy (always the most likely token); higher = more varied
+top_k = 200              # sample among the top_k most likely tokens only (None = all)
+top_p = 1.0              # nucleus: among the fewest tokens whose probabilities reach top_p (1.0 = off)
+seed = 1337
+device = 'auto'          # auto = cuda, else mps, else cpu
+dtype = 'auto'           # float32, bfloat16 or float16; auto = bf16/fp16 on GPUs, fp32 elsewhere
+compile = False          # torch.compile the per-token step (PyTorch 2; a slow first sample)
+kv_cache = True          # False re-runs the whole context every token, as nanoGPT (slow; for checks)
+fast_window = False      # past block_size keep half the window instead of re-running it:
+                         # faster long samples, slightly worse text (README)
+# -----------------------------------------------------------------------------
+
+
+def check_config(cfg):
+    if cfg['temperature'] < 0:
+        die(f"--temperature={cfg['temperature']} is negative: use 0 for greedy or a positive value like 0.8")
+    if not 0 < cfg['top_p'] <= 1:
+        die(f"--top_p={cfg['top_p']} is outside (0, 1]: use e.g. 0.9, or 1.0 to switch nucleus sampling off")
+    if cfg['top_k'] is not None and (not isinstance(cfg['top_k'], int) or cfg['top_k'] < 1):
+        die(f"--top_k={cfg['top_k']!r} must be a whole number >= 1, or None to use the whole vocabulary")
+    if cfg['num_samples'] < 1 or cfg['max_new_tokens'] < 1:
+        die("--num_samples and --max_new_tokens must be at least 1")
+
+
+def read_prompt(start):
+    if not start.startswith('FILE:'):
+        return start
+    path = start[len('FILE:'):]
+    try:
+        with open(path, encoding='utf-8') as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        die(f"cannot read the prompt file {path!r} ({e.__class__.__name__}): pass --start=FILE:PATH "
+            f"to a UTF-8 text file, or the prompt itself as --start=\"...\"")
+
+
+def print_story(enc, token_ids, out):
+    """Write token ids to out as text as they come, up to <|endoftext|>; returns how many were
+    read. A character can span tokens, so bytes are decoded incrementally: whole characters only."""
+    decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
+    n = 0
+    for token in token_ids:
+        n += 1
+        if token == enc.eot_token:
+            break
+        if token < enc.n_vocab:  # a model with a padded vocabulary could pick an id no text has
+            out.write(decoder.decode(enc.decode_single_token_bytes(token)))
+            out.flush()
+    out.write(decoder.decode(b'', final=True))
+    return n
+
+
+def main(argv=None):
+    cfg = parse_config(config_defaults(globals()), argv)
+    check_config(cfg)
+    dev = pick_device(cfg['device'])
+    try:
+        torch.empty(1, device=dev)
+    except Exception as e:
+        die(f"device {dev!r} is not usable here ({str(e).splitlines()[0]}): use --device=cpu or --device=auto")
+    precision = pick_dtype(cfg['dtype'], dev)
+    torch.manual_seed(cfg['seed'])
+
+    model, _ = load_model(cfg['ckpt'] or os.path.join(cfg['out_dir'], 'best_model_params.pt'), dev)
+    model.eval()
+    if cfg['compile']:
+        model.forward_cached = torch.compile(model.forward_cached, dynamic=True)  # generate's per-token step
+    enc = get_tokenizer()
+    block_size = model.config.block_size
+
+    # the prompt follows an <|endoftext|>, as a story does in the training data
+    prompt = read_prompt(cfg['start'])
+    prompt_ids = enc.encode(prompt, allowed_special={'<|endoftext|>'})
+    if len(prompt_ids) > block_size:
+        print(f"warning: the prompt is {len(prompt_ids)} tokens, longer than the model's block_size "
+              f"{block_size}: keeping its last {block_size} tokens", file=sys.stderr)
+        prompt_ids = prompt_ids[-block_size:]
+        prompt = enc.decode(prompt_ids, errors='replace')
+    ids = ([enc.eot_token] + prompt_ids)[-block_size:]
+    x = torch.tensor([ids], dtype=torch.long, device=dev)
+
+    n_tokens, t0 = 0, time.time()
+    try:
+        for _ in range(cfg['num_samples']):
+            sys.stdout.write(prompt)
+            with autocast(dev, precision):
+                stream = model.generate_stream(x, cfg['max_new_tokens'], cfg['temperature'], cfg['top_k'],
+                                               cfg['top_p'], eot_token=enc.eot_token,
+                                               use_kv_cache=cfg['kv_cache'], fast_window=cfg['fast_window'])
+                n_tokens += print_story(enc, (token.item() for token in stream), sys.stdout)
+            sys.stdout.write('\n---------------\n')
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        sys.stdout.write('\n')
+        sys.exit(130)
+    except BrokenPipeError:  # e.g. `python sample.py | head`: the reader has gone, stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # as the Python docs advise
+        sys.exit(1)
+    seconds = time.time() - t0
+    print(f"{cfg['num_samples']} samples, {n_tokens} tokens in {seconds:.1f} s "
+          f"({n_tokens / seconds:.1f} tokens/s, {dev}, {precision})", file=sys.stderr)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,228 @@
+"""model.py: parameter count, checkpoint loading, and generation (kv cache, sampling, stopping)."""
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from common import clean_state_dict, load_model, torch_save
+from model import GPT, GPTConfig, sample_logits
+
+TINY = dict(vocab_size=101, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+
+
+def tiny_model(seed=0, **overrides):
+    """A small random GPT whose greedy output depends on its context: GPT-2's init is so
+    flat that tiny models repeat one token, so the weights are scaled up."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**{**TINY, **overrides}), verbose=False).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(10)
+    return model
+
+
+def prompts(batch, length, vocab=TINY['vocab_size'], seed=1):
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_parameter_count_of_the_defaults(capsys):
+    model = GPT(GPTConfig())
+    assert model.get_num_params(non_embedding=False) == 29_995_392
+    assert model.get_num_params() == 29_995_392 - 50257 * 384 - 128 * 384
+    assert "30.00M total, 10.65M non-embedding" in capsys.readouterr().out
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied
+
+
+def test_constructor_prints_total_and_non_embedding_counts(capsys):
+    GPT(GPTConfig(**TINY))
+    out = capsys.readouterr().out
+    assert "number of parameters" in out and "total" in out and "non-embedding" in out
+
+
+@pytest.mark.parametrize('prefix', ['_orig_mod.', 'module.', 'module._orig_mod.'])
+def test_load_model_accepts_compiled_and_ddp_state_dicts(tmp_path, prefix):
+    model = tiny_model()
+    path = tmp_path / 'ckpt.pt'
+    state = {prefix + k: v for k, v in model.state_dict().items()}
+    torch_save({'model': state, 'model_args': asdict(model.config)}, path)
+    loaded, ckpt = load_model(str(path))
+    assert set(clean_state_dict(ckpt['model'])) == set(model.state_dict())
+    idx = prompts(2, 7)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(idx)[0], model(idx)[0])
+
+
+def test_batch_logits_equal_rows_one_by_one():
+    model = tiny_model()
+    idx = prompts(4, 11)
+    with torch.no_grad():
+        batch = model(idx)[0]
+        rows = torch.cat([model(idx[i:i + 1])[0] for i in range(4)])
+        assert torch.allclose(batch, rows, atol=1e-5, rtol=0)
+        batch_cached = model.forward_cached(idx, model.new_kv_cache(4), 0)
+        rows_cached = torch.cat([model.forward_cached(idx[i:i + 1], model.new_kv_cache(1), 0) for i in range(4)])
+    assert torch.allclose(batch_cached, rows_cached, atol=1e-5, rtol=0)
+    assert torch.allclose(batch_cached, batch[:, -1], atol=1e-5, rtol=0)
+    # and batched generation gives every row what it gets alone
+    out = model.generate(idx, 30, temperature=0)
+    for i in range(4):
+        assert torch.equal(out[i:i + 1], model.generate(idx[i:i + 1], 30, temperature=0))
+
+
+def test_cached_logits_match_the_full_forward_token_by_token():
+    model = tiny_model()
+    idx = prompts(2, 16)
+    cache = model.new_kv_cache(2)
+    with torch.no_grad():
+        logits = model.forward_cached(idx[:, :5], cache, 0)
+        for t in range(5, 16):
+            assert torch.allclose(logits, model(idx[:, :t])[0][:, -1], atol=1e-3, rtol=0), t  # logits ~40
+            logits = model.forward_cached(idx[:, t:t + 1], cache, t)
+
+
+@pytest.mark.parametrize('prompt_len, new', [(3, 10), (5, 40), (16, 20), (30, 25)])
+def test_kv_cache_greedy_equals_no_cache_reference(prompt_len, new):
+    # block_size is 16: (5, 40) and (16, 20) run far past it, (30, 25) starts past it
+    model = tiny_model()
+    idx = prompts(3, prompt_len)
+    reference = model.generate(idx, new, temperature=0, use_kv_cache=False)
+    cached = model.generate(idx, new, temperature=0)
+    assert cached.shape == (3, prompt_len + new)
+    assert torch.equal(cached, reference)
+    assert len(set(reference[0, prompt_len:].tolist())) > 3  # the test model's output does vary
+
+
+def test_kv_cache_sampling_equals_no_cache_reference_with_the_same_seed():
+    model = tiny_model()
+    idx = prompts(2, 4)
+    torch.manual_seed(7)
+    reference = model.generate(idx, 40, temperature=1.0, top_k=20, use_kv_cache=False)
+    torch.manual_seed(7)
+    assert torch.equal(model.generate(idx, 40, temperature=1.0, top_k=20), reference)
+
+
+def fast_window_reference(model, idx, new):
+    """What fast_window promises, the slow way: once the context outgrows block_size it
+    restarts from the last block_size // 2 tokens and grows again; greedy."""
+    bs = model.config.block_size
+    tokens, start = idx, max(0, idx.size(1) - bs)
+    for _ in range(new):
+        if tokens.size(1) - start > bs:
+            start = tokens.size(1) - bs // 2
+        with torch.no_grad():
+            logits = model(tokens[:, start:])[0][:, -1]
+        tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], dim=1)
+    return tokens
+
+
+def test_fast_window_keeps_half_the_window_and_differs_from_exact_only_past_block_size():
+    model = tiny_model()
+    idx = prompts(2, 5)
+    fast = model.generate(idx, 60, temperature=0, fast_window=True)
+    assert torch.equal(fast, fast_window_reference(model, idx, 60))
+    exact = model.generate(idx, 60, temperature=0)
+    assert torch.equal(fast[:, :17], exact[:, :17])  # identical until the window first fills
+    assert not torch.equal(fast, exact)
+
+
+def test_generate_stream_yields_what_generate_returns():
+    model = tiny_model()
+    idx = prompts(2, 3)
+    steps = list(model.generate_stream(idx, 12, temperature=0))
+    assert len(steps) == 12 and all(s.shape == (2,) for s in steps)
+    assert torch.equal(torch.stack(steps, dim=1), model.generate(idx, 12, temperature=0)[:, 3:])
+
+
+def test_each_row_stops_at_eot_and_generation_ends_when_all_have():
+    model = tiny_model()
+    idx = prompts(3, 4, seed=3)
+    idx[2] = idx[0]
+    free = model.generate(idx, 30, temperature=0)[:, 4:]
+    eot = free[0, 3].item()  # a token row 0 emits (so rows 0 and 2 stop by step 3)
+
+    def expected_row(row):  # the free run up to and including its first eot, then eot padding
+        hits = (row == eot).nonzero()
+        end = hits[0].item() + 1 if len(hits) else len(row)
+        return torch.cat([row[:end], torch.full((len(row) - end,), eot)])
+
+    out = model.generate(idx, 30, temperature=0, eot_token=eot)[:, 4:]
+    firsts = [((free[i] == eot).nonzero()[:1].tolist() or [[29]])[0][0] for i in range(3)]
+    assert out.shape[1] == max(firsts) + 1  # stops as soon as every row is done
+    for i in range(3):
+        assert torch.equal(out[i], expected_row(free[i])[:out.shape[1]])
+    # two rows that both stop: generation ends there, before max_new_tokens
+    short = model.generate(idx[[0, 2]], 30, temperature=0, eot_token=eot)
+    assert short.shape[1] == 4 + firsts[0] + 1 < 4 + 30
+    assert short[0, -1].item() == eot
+
+
+def test_same_seed_same_samples_other_seed_other_samples():
+    model = tiny_model()
+    idx = prompts(2, 3)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        return model.generate(idx, 30, temperature=1.0, top_p=0.9)
+
+    assert torch.equal(run(1), run(1))
+    assert not torch.equal(run(1), run(2))
+
+
+def draw(probs, n=40000, **kwargs):
+    """Token frequencies of n draws from a toy distribution through sample_logits."""
+    logits = torch.tensor(probs).log().expand(n, -1)
+    torch.manual_seed(0)
+    counts = torch.bincount(sample_logits(logits, **kwargs), minlength=len(probs))
+    return counts.float() / n
+
+
+TOY = [0.1, 0.5, 0.15, 0.25]  # sorted: token 1, 3, 2, 0
+
+
+@pytest.mark.parametrize('kwargs, expected', [
+    (dict(), TOY),
+    (dict(top_k=2), [0, 2 / 3, 0, 1 / 3]),
+    (dict(top_k=1), [0, 1, 0, 0]),
+    (dict(top_p=0.5), [0, 1, 0, 0]),               # token 1 alone reaches 0.5
+    (dict(top_p=0.6), [0, 2 / 3, 0, 1 / 3]),       # 0.5 < 0.6: token 3 joins
+    (dict(top_p=0.8), [0, 0.5 / 0.9, 0.15 / 0.9, 0.25 / 0.9]),
+    (dict(top_k=3, top_p=0.6), [0, 2 / 3, 0, 1 / 3]),
+    (dict(top_p=1.0), TOY),
+    (dict(temperature=0.5), [p * p / sum(q * q for q in TOY) for p in TOY]),  # p^(1/T), renormalised
+])
+def test_top_k_top_p_and_temperature_on_a_toy_distribution(kwargs, expected):
+    freqs = draw(TOY, **kwargs)
+    assert torch.allclose(freqs, torch.tensor(expected, dtype=torch.float), atol=0.012), (freqs, expected)
+
+
+@pytest.mark.parametrize('scale, n', [(3.0, 8000), (0.01, 2000)])  # peaked: a small nucleus; flat: 2695 tokens
+def test_nucleus_over_a_large_vocabulary_matches_a_full_sort(scale, n):
+    logits = torch.randn(1, 3000, generator=torch.Generator().manual_seed(0)) * scale
+    probs = logits.softmax(-1)[0]
+    sorted_probs, order = probs.sort(descending=True)
+    n_keep = int((sorted_probs.cumsum(-1) - sorted_probs < 0.9).sum())
+    nucleus = order[:n_keep]
+    torch.manual_seed(0)
+    draws = sample_logits(logits.expand(n, -1), top_p=0.9)
+    assert torch.isin(draws, nucleus).all()
+    expected = sorted_probs[:n_keep] / sorted_probs[:n_keep].sum()
+    freqs = torch.bincount(draws, minlength=3000)[nucleus].float() / n
+    if n_keep > 1000:
+        assert freqs[1000:].sum() > 0.5 * expected[1000:].sum()  # the tail past the 1000 most likely is drawn
+    else:
+        assert torch.allclose(freqs[:5], expected[:5], atol=0.02)
+
+
+def test_temperature_zero_is_greedy():
+    logits = torch.tensor([[0.1, 3.0, 2.9], [5.0, -1.0, 4.0]])
+    assert sample_logits(logits, temperature=0).tolist() == [1, 0]
+    model = tiny_model()
+    idx = prompts(2, 3)
+    assert torch.equal(model.generate(idx, 20, temperature=0), model.generate(idx, 20, top_k=1))
+
+
+@pytest.mark.parametrize('kwargs', [dict(temperature=-0.5), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=0)])
+def test_bad_sampling_options_raise(kwargs):
+    model = tiny_model()
+    with pytest.raises(ValueError):
+        model.generate(prompts(1, 3), 5, **kwargs)
