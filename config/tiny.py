@@ -1,0 +1,21 @@
+# A tiny model and short run for tests and smoke checks: seconds on a CPU.
+#   python train.py config/tiny.py --data_dir=...
+out_dir = 'out-tiny'
+eval_interval = 4
+eval_iters = 2
+log_interval = 1
+max_iters = 8
+batch_size = 8
+block_size = 32
+gradient_accumulation_steps = 2
+n_layer = 2
+n_head = 2
+n_embd = 32
+dropout = 0.1
+learning_rate = 1e-3
+min_lr = 1e-4
+warmup_iters = 2
+lr_decay_iters = 8
+device = 'cpu'
+dtype = 'float32'
+peak_flops = 1e11  # a round figure: skips the startup matmul benchmark

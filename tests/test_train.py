@@ -1,0 +1,304 @@
+"""train.py: the LR schedule, gradient accumulation, the memory-lean training path, and end
+to end on the ../shared TinyStories sample with config/tiny.py: prepare -> train -> best and
+resumable checkpoints -> exact resume -> sample; config and data errors, SIGTERM, NaN stop,
+and a 2-process DDP run over gloo through torchrun."""
+import copy
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from model import GPT, GPTConfig
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = 'config/tiny.py'
+
+
+def script_env():
+    # one thread: a tiny model runs faster and steadier on a shared CPU than with two
+    return dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+
+
+def run_train(*args, launcher=(), timeout=300):
+    cmd = [sys.executable, *launcher, 'train.py', TINY, *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=script_env(), timeout=timeout)
+
+
+def step_losses(stdout):
+    """{iter: loss} from the progress lines ('iter 5/8 | loss 10.7396 | ...')."""
+    return {int(i): float(l) for i, l in re.findall(r'^iter (\d+)/\d+ \| loss ([\d.]+)', stdout, re.M)}
+
+
+def read_log(out_dir):
+    with open(out_dir / 'log.jsonl') as f:
+        return [json.loads(line) for line in f]
+
+
+def error_of(argv):
+    """Run train.main in-process where it must stop before training: its one-line error."""
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    return str(e.value.code)
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory, stories_dir):
+    out = tmp_path_factory.mktemp('data') / 'tinystories'
+    r = subprocess.run([sys.executable, 'prepare.py', f"--train_files={stories_dir / 'train.txt'}",
+                        f"--val_files={stories_dir / 'validation.txt'}", f'--out_dir={out}'],
+                       cwd=REPO, capture_output=True, text=True, env=script_env(), timeout=300)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.fixture(scope='module')
+def run_a(data_dir, tmp_path_factory):
+    """The reference run: config/tiny.py, 8 steps, evaluations at 0, 4 and 8."""
+    out = tmp_path_factory.mktemp('run_a')
+    r = run_train(f'--data_dir={data_dir}', f'--out_dir={out}')
+    assert r.returncode == 0, r.stderr
+    return out, r.stdout
+
+
+# -----------------------------------------------------------------------------
+# pieces, in-process
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr():
+    cfg = dict(learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, lr_decay_iters=1100, max_iters=2000, decay_lr=True)
+    assert train.get_lr(0, cfg) == pytest.approx(1e-3 / 101)          # warmup starts small, not at 0
+    assert train.get_lr(100, cfg) == pytest.approx(1e-3)              # warmup end: the peak
+    assert train.get_lr(600, cfg) == pytest.approx((1e-3 + 1e-4) / 2)  # cosine midpoint
+    assert train.get_lr(1100, cfg) == pytest.approx(1e-4)             # decay end: min_lr ...
+    assert train.get_lr(1999, cfg) == pytest.approx(1e-4)             # ... and flat after
+    lrs = [train.get_lr(it, cfg) for it in range(100, 1101)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))                  # never rises after warmup
+    assert train.get_lr(1100, {**cfg, 'lr_decay_iters': 0}) > 1e-4    # 0: decay over max_iters
+    assert train.get_lr(2000, {**cfg, 'lr_decay_iters': 0}) == pytest.approx(1e-4)
+    assert train.get_lr(5, {**cfg, 'decay_lr': False}) == 1e-3
+
+
+def test_accumulating_four_quarter_batches_matches_one_full_batch():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=512, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0), verbose=False)
+    twin = copy.deepcopy(model)
+    x = torch.randint(0, 512, (8, 16))
+    y = torch.randint(0, 512, (8, 16))
+    results = []
+    for m, batches in ((model, [(x, y)]), (twin, [(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)])):
+        opt = m.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+        scaler = torch.amp.GradScaler('cpu', enabled=False)
+        loss = train.train_step(m, opt, scaler, batches, 1e-3, 1.0, train.autocast('cpu', 'float32'))
+        results.append((loss.item(), [p.grad.clone() for p in m.parameters()], [p.detach().clone() for p in m.parameters()]))
+    (loss_full, grads_full, params_full), (loss_acc, grads_acc, params_acc) = results
+    assert loss_acc == pytest.approx(loss_full, rel=1e-6)
+    for g_full, g_acc in zip(grads_full, grads_acc):
+        torch.testing.assert_close(g_acc, g_full, rtol=1e-5, atol=1e-7)
+    for p_full, p_acc in zip(params_full, params_acc):
+        torch.testing.assert_close(p_acc, p_full, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('autocast_dtype', [None, torch.bfloat16])
+def test_memory_lean_training_path_matches_plain_autograd(monkeypatch, autocast_dtype):
+    """model.py keeps less for backward on CPU (checkpointed attention, GeluLinear, byte-mask
+    dropout); the loss and every gradient must equal plain autograd's, dropout masks included."""
+    import model as M
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=512, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.2), verbose=False)
+    x = torch.randint(0, 512, (4, 16))
+    y = torch.randint(0, 512, (4, 16))
+
+    def loss_and_grads():
+        torch.manual_seed(123)
+        m.zero_grad()
+        with torch.autocast('cpu', dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            _, loss = m(x, y)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in m.parameters()]
+
+    lean = loss_and_grads()
+
+    def plain_attention(self, x):
+        B, T, C = x.size()
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for t in self.c_attn(x).split(self.n_embd, dim=2))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
+
+    monkeypatch.setattr(M.CausalSelfAttention, 'forward', plain_attention)
+    monkeypatch.setattr(M.MLP, 'forward', lambda self, x: self.dropout(self.c_proj(F.gelu(self.c_fc(x)))))
+    plain = loss_and_grads()
+    assert lean[0] == plain[0]
+    for a, b in zip(lean[1], plain[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# -----------------------------------------------------------------------------
+# config and data errors: one clear line, before any training
+
+@pytest.mark.parametrize('args, message', [
+    (['--nope=1'], 'unknown option --nope'),
+    (['--batch_size=big'], 'batch_size must be int'),
+    (['--learning_rate=1e-4', '--min_lr=1e-3'], 'min_lr=0.001 must be between 0 and learning_rate=0.0001'),
+    (['--init_from=gpt2'], "init_from must be 'scratch' or 'resume'"),
+    (['--n_head=5'], 'n_embd=32 must be divisible by n_head=5'),
+    (['--warmup_iters=50'], 'warmup_iters=50 is past the end of the LR decay'),
+    (['--backend=mpi'], 'backend must be auto, nccl or gloo'),
+])
+def test_config_errors(args, message, data_dir):
+    assert message in error_of([str(REPO / TINY), f'--data_dir={data_dir}', *args])
+
+
+def test_config_file_with_unknown_key_is_refused(tmp_path):
+    bad = tmp_path / 'bad.py'
+    bad.write_text("batch_size = 4\nlearning_rat = 1e-3\n")
+    r = run_train(str(bad))
+    assert r.returncode == 1
+    assert r.stderr.strip().startswith(f"error: config file {bad} sets unknown key 'learning_rat'; valid keys:")
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_missing_data_and_missing_checkpoint(tmp_path):
+    tiny = str(REPO / TINY)
+    assert 'meta.json not found: run `python prepare.py`' in error_of([tiny, f'--data_dir={tmp_path / "none"}'])
+    assert 'no checkpoint at' in error_of([tiny, '--init_from=resume', f'--out_dir={tmp_path}'])
+
+
+def test_data_that_does_not_match_the_model(data_dir, run_a, tmp_path):
+    out, _ = run_a
+    # meta.json from another tokenizer: more token ids than the checkpoint's model has
+    other = tmp_path / 'other'
+    shutil.copytree(data_dir, other)
+    meta = json.loads((other / 'meta.json').read_text())
+    (other / 'meta.json').write_text(json.dumps({**meta, 'vocab_size': 60000}))
+    msg = error_of([str(REPO / TINY), '--init_from=resume', f'--out_dir={out}', f'--data_dir={other}'])
+    assert 'a 60000-token vocabulary, but the checkpoint in' in msg and 'has 50257' in msg
+    # a truncated bin
+    (other / 'meta.json').write_text(json.dumps(meta))
+    with open(other / 'val.bin', 'r+b') as f:
+        f.truncate(1000)
+    assert 'truncated or stale' in error_of([str(REPO / TINY), f'--data_dir={other}', f'--out_dir={tmp_path / "o"}'])
+
+
+# -----------------------------------------------------------------------------
+# end to end
+
+def test_training_writes_checkpoints_log_and_plot(run_a):
+    out, stdout = run_a
+    rows = read_log(out)
+    assert [r['iter'] for r in rows] == [0, 4, 8]
+    assert set(rows[0]) == {'iter', 'tokens', 'train_loss', 'val_loss', 'lr', 'tokens_per_s', 'mfu', 'elapsed_s'}
+    assert rows[-1]['tokens'] == 8 * 2 * 8 * 32  # iters x accumulation x batch x block
+    assert rows[0]['val_loss'] == pytest.approx(math.log(50257), abs=0.2)  # a fresh model guesses uniformly
+    assert rows[-1]['val_loss'] < rows[0]['val_loss'] - 0.1                # and it learns
+    assert rows[-1]['tokens_per_s'] > 0 and 0 < rows[-1]['mfu'] < 1
+    best = torch.load(out / 'best_model_params.pt', weights_only=True)
+    assert set(best) == {'model', 'model_args', 'config', 'iter_num', 'best_val_loss'}
+    assert best['best_val_loss'] == min(r['val_loss'] for r in rows[1:])
+    assert best['config']['n_embd'] == 32 and best['model_args']['vocab_size'] == 50257
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
+    assert set(ckpt) == set(best) | {'optimizer', 'scaler', 'rng'} and ckpt['iter_num'] == 8
+    assert not any(k.startswith(('_orig_mod.', 'module.')) for k in ckpt['model'])
+    assert (out / 'loss_curve.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert re.search(r'^iter 8/8 \| loss [\d.]+ \| lr [\d.e+-]+ \| \d+ ms/iter \| [\d,]+ tok/s \| mfu [\d.]+% \| eta \d+m\d+s$',
+                     stdout, re.M)
+
+
+def test_resume_reproduces_the_uninterrupted_run(run_a, data_dir, tmp_path):
+    out_a, stdout_a = run_a
+    first = run_train(f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--max_iters=4')
+    assert first.returncode == 0, first.stderr
+    # a compiled model's checkpoint has _orig_mod. keys: resume must take them too
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    ckpt['model'] = {'_orig_mod.' + k: v for k, v in ckpt['model'].items()}
+    torch.save(ckpt, tmp_path / 'ckpt.pt')
+    second = run_train(f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--init_from=resume')
+    assert second.returncode == 0, second.stderr
+    assert 'resuming from' in second.stdout and 'at iter 4' in second.stdout
+    losses_a, losses_b = step_losses(stdout_a), step_losses(second.stdout)
+    assert sorted(losses_b) == [5, 6, 7, 8]
+    assert all(losses_b[i] == losses_a[i] for i in losses_b)
+    rows_a, rows_b = read_log(out_a), read_log(tmp_path)
+    assert [r['iter'] for r in rows_b] == [0, 4, 8]
+    for key in ('tokens', 'train_loss', 'val_loss', 'lr'):
+        assert rows_b[-1][key] == rows_a[-1][key]
+
+
+def test_eval_only_and_sample_from_the_trained_model(run_a, data_dir):
+    out, _ = run_a
+    before = (out / 'ckpt.pt').read_bytes()
+    r = run_train(f'--out_dir={out}', '--init_from=resume', '--eval_only=True', f'--data_dir={data_dir}')
+    assert r.returncode == 0, r.stderr
+    assert re.search(r'^eval iter 8: train loss [\d.]+, val loss [\d.]+$', r.stdout, re.M)
+    assert (out / 'ckpt.pt').read_bytes() == before
+    s = subprocess.run([sys.executable, 'sample.py', f'--out_dir={out}', '--start=Once upon a time',
+                        '--num_samples=1', '--max_new_tokens=12'],
+                       cwd=REPO, capture_output=True, text=True, env=script_env(), timeout=120)
+    assert s.returncode == 0, s.stderr
+    assert 'Once upon a time' in s.stdout
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes_exactly(run_a, data_dir, tmp_path):
+    """Stopped by SIGTERM mid-run, then resumed: the same losses as run_a, which ran straight
+    through (same config/tiny.py schedule; max_iters and evaluations do not change the stream)."""
+    out_a, stdout_a = run_a
+    proc = subprocess.Popen([sys.executable, 'train.py', TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}',
+                             '--max_iters=100000', '--eval_interval=100000'], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=script_env())
+    try:
+        for line in proc.stdout:
+            if line.startswith('iter 2/'):
+                proc.send_signal(signal.SIGTERM)
+                break
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    stopped = int(re.search(r'^interrupted at iter (\d+): saved .*ckpt.pt; continue with --init_from=resume$',
+                            stdout, re.M).group(1))
+    assert 2 <= stopped < 8, 'the run went on too long after SIGTERM'
+    assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['iter_num'] == stopped
+    resumed = run_train(f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--init_from=resume')
+    assert resumed.returncode == 0, resumed.stderr
+    after, straight = step_losses(resumed.stdout), step_losses(stdout_a)
+    assert sorted(after) == list(range(stopped + 1, 9))
+    assert all(after[i] == straight[i] for i in after)
+    assert read_log(tmp_path)[-1]['val_loss'] == read_log(out_a)[-1]['val_loss']
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(run_a, data_dir, tmp_path):
+    out, _ = run_a
+    shutil.copytree(out, tmp_path / 'run')
+    before = (tmp_path / 'run' / 'ckpt.pt').read_bytes()
+    r = run_train(f'--data_dir={data_dir}', f'--out_dir={tmp_path / "run"}', '--init_from=resume',
+                  '--learning_rate=1e30', '--max_iters=20', '--lr_decay_iters=20')
+    assert r.returncode == 1
+    assert re.search(r'^error: loss is (nan|inf|-inf) at iter \d+: training diverged', r.stderr, re.M)
+    assert (tmp_path / 'run' / 'ckpt.pt').read_bytes() == before
+
+
+def test_ddp_two_processes_over_gloo(data_dir, tmp_path):
+    torchrun = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+    r = run_train(f'--data_dir={data_dir}', f'--out_dir={tmp_path}', launcher=torchrun)
+    assert r.returncode == 0, r.stderr
+    assert '2 process(es) x 1 micro-batches' in r.stdout
+    assert len(re.findall(r'^iter 8/8 ', r.stdout, re.M)) == 1  # only rank 0 logs
+    rows = read_log(tmp_path)
+    assert [row['iter'] for row in rows] == [0, 4, 8] and rows[-1]['val_loss'] < rows[0]['val_loss']
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert len(ckpt['rng']) == 2  # each rank's random streams, for an exact resume
+    assert not torch.equal(ckpt['rng'][0]['data'], ckpt['rng'][1]['data'])  # ranks draw different windows
+    assert not any(k.startswith('module.') for k in ckpt['model'])
+    bad = run_train(f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--gradient_accumulation_steps=3',
+                    launcher=torchrun)
+    assert bad.returncode != 0
+    assert 'error: gradient_accumulation_steps=3 must be divisible by the number of processes (2)' in bad.stderr

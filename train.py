@@ -1,0 +1,426 @@
+"""
+Train SLM on the tokenized TinyStories in data_dir (made by prepare.py).
+
+    python train.py                                  # the seed recipe (see config/tinystories.py)
+    python train.py config/tinystories.py --batch_size=32
+    python train.py config/tinystories_cpu.py        # ~15 minutes on 2 CPU cores
+    python train.py --init_from=resume               # continue the run in out_dir exactly
+    torchrun --nproc_per_node=2 train.py             # data parallel: NCCL on GPUs, gloo on CPU
+
+Every eval_interval steps: train/val loss (to stdout and out_dir/log.jsonl), the best
+weights so far (out_dir/best_model_params.pt) and everything needed to resume
+(out_dir/ckpt.pt). Ctrl-C or SIGTERM saves ckpt.pt after the current step, then exits
+with 130/143; `--init_from=resume` continues the same run (same losses as if never stopped).
+"""
+import json
+import math
+import os
+import resource
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from common import (autocast, clean_state_dict, config_defaults, die, load_meta, open_split,
+                    parse_config, pick_device, pick_dtype, read_checkpoint, torch_save)
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+# default config: the seed recipe (a 6-layer, 6-head, 384-wide GPT on TinyStories)
+# I/O
+out_dir = 'out'
+data_dir = 'data/tinystories'    # train.bin, val.bin and meta.json from prepare.py
+eval_interval = 500              # optimizer steps between evaluations + checkpoints
+log_interval = 10                # optimizer steps between progress lines
+eval_iters = 200                 # batches per split in each evaluation
+eval_only = False                # evaluate once and exit
+always_save_checkpoint = True    # ckpt.pt at every eval (False: only when val loss improves)
+init_from = 'scratch'            # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+seed = 1337
+# data
+gradient_accumulation_steps = 8  # micro-batches per optimizer step, summed over all processes
+batch_size = 32                  # sequences per micro-batch
+block_size = 128                 # tokens per sequence
+# model
+n_layer = 6
+n_head = 6
+n_embd = 384
+dropout = 0.1
+bias = True
+# AdamW
+learning_rate = 5e-4             # peak LR after warmup
+max_iters = 20000                # optimizer steps (32 x 128 x 8 = 32,768 tokens each: 655M in all)
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 0.5                  # clip the global gradient norm to this (0: off)
+# LR schedule: linear warmup, then cosine decay to min_lr, one step per optimizer step
+decay_lr = True
+warmup_iters = 1000
+lr_decay_iters = 0               # step where the decay reaches min_lr; 0: max_iters
+# The seed notebook set learning_rate=1e-4 and min_lr=5e-4, so its "decay" raised the LR
+# 5x (and it stepped the scheduler per micro-batch). Here min_lr is a tenth of the peak.
+min_lr = 5e-5
+# system
+device = 'auto'                  # auto: cuda, else mps, else cpu; or cpu, cuda, cuda:1, mps
+dtype = 'auto'                   # auto: bfloat16 on GPUs that have it, else float16; float32 on CPU
+compile = False                  # torch.compile the model (faster on GPUs, slow to start)
+backend = 'auto'                 # DDP backend; auto: nccl on CUDA, gloo otherwise
+peak_flops = 0.0                 # device peak FLOP/s for MFU; 0: measure a dense matmul at startup
+# -----------------------------------------------------------------------------
+
+MODEL_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'dropout')
+
+
+def get_lr(it, cfg):
+    """Learning rate at optimizer step it: linear warmup, cosine decay, then flat min_lr."""
+    lr, min_lr = cfg['learning_rate'], cfg['min_lr']
+    if not cfg['decay_lr']:
+        return lr
+    warmup, decay_end = cfg['warmup_iters'], cfg['lr_decay_iters'] or cfg['max_iters']
+    if it < warmup:
+        return lr * (it + 1) / (warmup + 1)
+    if it >= decay_end:
+        return min_lr
+    progress = (it - warmup) / (decay_end - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def get_batch(data, batch_size, block_size, generator, device):
+    """batch_size random windows of the token memmap: inputs x and next-token targets y."""
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
+    windows = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64))
+    x, y = windows[:, :-1], windows[:, 1:]
+    if device.startswith('cuda'):  # pinned memory lets the copy overlap with compute
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def train_step(model, optimizer, scaler, batches, lr, grad_clip, ctx):
+    """One optimizer step: forward + backward per micro-batch (gradient accumulation),
+    then clip and AdamW. Returns the mean loss as a tensor (reading it syncs the GPU).
+    Gradients stay in the .grad fields until the next step."""
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = 0.0
+    for micro, (x, y) in enumerate(batches):
+        if isinstance(model, DDP):
+            # all-reduce gradients only once, in the backward of the last micro-batch
+            model.require_backward_grad_sync = micro == len(batches) - 1
+        with ctx:
+            _, loss = model(x, y)
+        scaler.scale(loss / len(batches)).backward()
+        loss_sum += loss.detach()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)  # skipped by the scaler if fp16 gradients overflowed
+    scaler.update()
+    return loss_sum / len(batches)
+
+
+@torch.no_grad()
+def estimate_loss(model, splits, cfg, ctx, device):
+    """Mean loss over eval_iters batches per split. The batches come from their own
+    fixed-seed generator: every evaluation sees the same windows, and the training data
+    stream (and so resume) does not depend on how often we evaluate."""
+    model.eval()
+    out = {}
+    for split, data in splits.items():
+        gen = torch.Generator().manual_seed(cfg['seed'])
+        losses = torch.zeros(cfg['eval_iters'])
+        for k in range(cfg['eval_iters']):
+            x, y = get_batch(data, cfg['batch_size'], cfg['block_size'], gen, device)
+            with ctx:
+                _, loss = model(x, y)
+            losses[k] = loss.item()
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+
+def measure_peak_flops(device, dtype):
+    """FLOP/s of a large dense matmul in the training dtype: the MFU denominator, measured
+    rather than looked up so it fits whatever machine this is (CPU, any GPU)."""
+    n = 2048 if device == 'cpu' else 8192
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    a = torch.randn(n, n, device=device).to(ptdtype)
+    b = torch.randn(n, n, device=device).to(ptdtype)
+    sync = torch.cuda.synchronize if device.startswith('cuda') else (
+        torch.mps.synchronize if device == 'mps' else (lambda: None))
+    best = float('inf')
+    for _ in range(4):  # the first run warms up; keep the fastest
+        sync()
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def check_config(cfg):
+    """Config values that would fail late or silently train wrong: stop now, say why."""
+    for key in ('batch_size', 'block_size', 'max_iters', 'eval_interval', 'log_interval', 'eval_iters',
+                'gradient_accumulation_steps', 'n_layer', 'n_head', 'n_embd'):
+        if cfg[key] < 1:
+            die(f"{key} must be at least 1, got {cfg[key]}")
+    if cfg['n_embd'] % cfg['n_head']:
+        die(f"n_embd={cfg['n_embd']} must be divisible by n_head={cfg['n_head']}")
+    if not 0.0 <= cfg['dropout'] < 1.0:
+        die(f"dropout must be in [0, 1), got {cfg['dropout']}")
+    if cfg['init_from'] not in ('scratch', 'resume'):
+        die(f"init_from must be 'scratch' or 'resume', got {cfg['init_from']!r}")
+    if not 0 <= cfg['min_lr'] <= cfg['learning_rate']:
+        die(f"min_lr={cfg['min_lr']} must be between 0 and learning_rate={cfg['learning_rate']} "
+            f"(the cosine schedule decays from learning_rate down to min_lr)")
+    if cfg['decay_lr'] and cfg['warmup_iters'] > (cfg['lr_decay_iters'] or cfg['max_iters']):
+        die(f"warmup_iters={cfg['warmup_iters']} is past the end of the LR decay "
+            f"(lr_decay_iters={cfg['lr_decay_iters'] or cfg['max_iters']}): lower warmup_iters")
+    if cfg['backend'] not in ('auto', 'nccl', 'gloo'):
+        die(f"backend must be auto, nccl or gloo, got {cfg['backend']!r}")
+
+
+def format_eta(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def main(argv=None):
+    cfg = parse_config(config_defaults(globals()), argv)
+    check_config(cfg)
+
+    # processes: one per device under torchrun (RANK/WORLD_SIZE set), else just this one
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    rank, local_rank, world_size = 0, 0, 1
+    device = pick_device(cfg['device'])
+    if ddp:
+        rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
+        if device.startswith('cuda'):
+            device = f'cuda:{local_rank}'
+            torch.cuda.set_device(device)
+        backend = cfg['backend'] if cfg['backend'] != 'auto' else ('nccl' if device.startswith('cuda') else 'gloo')
+        dist.init_process_group(backend=backend)
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    accum = cfg['gradient_accumulation_steps']
+    if accum % world_size:
+        die(f"gradient_accumulation_steps={accum} must be divisible by the number of processes "
+            f"({world_size}): pass --gradient_accumulation_steps={world_size * max(1, round(accum / world_size))}")
+    accum //= world_size  # each process does its share of the micro-batches
+    device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
+    dtype = pick_dtype(cfg['dtype'], device)
+    ctx = autocast(device, dtype)
+    tokens_per_iter = accum * world_size * cfg['batch_size'] * cfg['block_size']
+    torch.manual_seed(cfg['seed'] + rank)  # dropout; rank 0 of DDP matches a single-process run
+    data_gen = torch.Generator().manual_seed(cfg['seed'] + rank)  # training windows, per rank
+    if device_type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # model: fresh, or rebuilt from the checkpoint in out_dir
+    ckpt = None
+    model_args = {k: cfg[k] for k in MODEL_KEYS}
+    if cfg['init_from'] == 'resume':
+        ckpt_path = os.path.join(cfg['out_dir'], 'ckpt.pt')
+        ckpt = read_checkpoint(ckpt_path)
+        if 'optimizer' not in ckpt:
+            die(f"{ckpt_path} has no optimizer state: resume needs a ckpt.pt written by train.py")
+        changed = [k for k in MODEL_KEYS if ckpt['model_args'].get(k) != cfg[k]]
+        if changed:
+            log(f"resume: model shape from the checkpoint, ignoring {', '.join(f'{k}={cfg[k]}' for k in changed)}")
+        model_args = {k: ckpt['model_args'][k] for k in MODEL_KEYS}
+        model_args['vocab_size'] = ckpt['model_args']['vocab_size']
+        cfg.update({k: v for k, v in model_args.items() if k in MODEL_KEYS})
+    meta_vocab = load_meta(cfg['data_dir']).get('vocab_size')
+    if not isinstance(meta_vocab, int) or meta_vocab < 1:
+        die(f"{cfg['data_dir']}/meta.json has no valid vocab_size: re-run `python prepare.py --force`")
+    if ckpt is None:
+        model_args['vocab_size'] = meta_vocab
+    elif meta_vocab != model_args['vocab_size']:
+        die(f"{cfg['data_dir']}/meta.json describes a {meta_vocab}-token vocabulary, but the checkpoint in "
+            f"{cfg['out_dir']} has {model_args['vocab_size']}: resume on the data the run was trained on (--data_dir)")
+    # data: opened once, read-only; open_split checks meta.json, sizes and the vocabulary
+    splits = {'train': open_split(cfg['data_dir'], 'train', model_args['vocab_size']),
+              'val': open_split(cfg['data_dir'], 'val', model_args['vocab_size'])}
+    for split, data in splits.items():
+        if len(data) <= cfg['block_size']:
+            die(f"{cfg['data_dir']}/{split}.bin holds {len(data)} tokens, fewer than block_size+1="
+                f"{cfg['block_size'] + 1}: prepare more text or lower --block_size")
+
+    log("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in sorted(cfg.items())))
+    model = GPT(GPTConfig(**model_args), verbose=master)
+    if ckpt is not None:
+        model.load_state_dict(clean_state_dict(ckpt['model']))  # also takes _orig_mod./module. keys
+    model.to(device)
+    optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'],
+                                           (cfg['beta1'], cfg['beta2']), device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
+    start_iter, best_val_loss = 0, float('inf')
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt['optimizer'])
+        if ckpt.get('scaler'):
+            scaler.load_state_dict(ckpt['scaler'])
+        start_iter, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
+        rng = ckpt['rng']
+        if len(rng) == world_size:  # same process count: each rank continues its own streams
+            torch.set_rng_state(rng[rank]['torch'])
+            data_gen.set_state(rng[rank]['data'])
+            if device_type == 'cuda' and rng[rank]['cuda'] is not None:
+                torch.cuda.set_rng_state(rng[rank]['cuda'])
+        else:
+            log(f"resume: checkpoint from {len(rng)} processes, now {world_size}: random streams restart from seed")
+        log(f"resuming from {ckpt_path} at iter {start_iter} (best val loss {best_val_loss:.4f})")
+    ckpt = None  # free the loaded tensors
+
+    train_model = torch.compile(model) if cfg['compile'] else model
+    eval_model = train_model  # evaluated on rank 0 only: never through the DDP wrapper
+    if ddp:
+        train_model = DDP(train_model, device_ids=[local_rank] if device_type == 'cuda' else None)
+
+    peak = cfg['peak_flops']
+    if master and peak <= 0:
+        peak = measure_peak_flops(device, dtype)
+        log(f"MFU is relative to {peak / 1e12:.3f} TFLOP/s, a {dtype} matmul measured now "
+            f"(set --peak_flops to use a datasheet figure)")
+    log(f"{tokens_per_iter:,} tokens per step ({world_size} process(es) x {accum} micro-batches x "
+        f"{cfg['batch_size']} x {cfg['block_size']}), {dtype} on {device}")
+
+    # training log: on resume keep the lines up to the checkpoint, on a new run start over
+    os.makedirs(cfg['out_dir'], exist_ok=True)
+    log_path = os.path.join(cfg['out_dir'], 'log.jsonl')
+    elapsed_before = 0.0
+    if master and not cfg['eval_only']:
+        rows = []
+        if cfg['init_from'] == 'resume' and os.path.exists(log_path):
+            with open(log_path) as f:
+                rows = [r for r in map(json.loads, filter(str.strip, f)) if r['iter'] <= start_iter]
+            elapsed_before = rows[-1]['elapsed_s'] if rows else 0.0
+        with open(log_path, 'w') as f:
+            f.writelines(json.dumps(r) + '\n' for r in rows)
+
+    def save_checkpoint(it, rng_states, best_only=False):
+        """ckpt.pt (everything to resume) and/or best_model_params.pt (weights of the best val loss)."""
+        state = {'model': model.state_dict(), 'model_args': model_args, 'config': cfg,
+                 'iter_num': it, 'best_val_loss': best_val_loss}
+        if best_only:
+            torch_save(state, os.path.join(cfg['out_dir'], 'best_model_params.pt'))
+            return
+        state.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=rng_states)
+        torch_save(state, os.path.join(cfg['out_dir'], 'ckpt.pt'))
+
+    def gather_rng_states():
+        """Every rank's random streams (dropout, data windows), so resume repeats them exactly."""
+        mine = {'torch': torch.get_rng_state(), 'data': data_gen.get_state(),
+                'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}
+        if not ddp:
+            return [mine]
+        states = [None] * world_size
+        dist.all_gather_object(states, mine)
+        return states
+
+    # Ctrl-C / SIGTERM: finish the current step, save ckpt.pt, exit. A second Ctrl-C quits at once.
+    stop_signal = [0]
+
+    def request_stop(signum, frame):
+        if stop_signal[0]:
+            raise KeyboardInterrupt  # the second signal: quit now, without saving
+        stop_signal[0] = signum
+        log(f"\n{signal.Signals(signum).name}: stopping after this step to save a checkpoint "
+            f"(press Ctrl-C again to quit without saving)", flush=True)
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
+    # the loop: evaluate + checkpoint every eval_interval steps, one optimizer step per pass
+    it = start_iter
+    t_start = t_window = time.time()
+    iters_window, train_time, ema_dt = 0, 0.0, None
+    while True:
+        at_resume_point = cfg['init_from'] == 'resume' and it == start_iter  # evaluated before saving
+        if cfg['eval_only'] or ((it % cfg['eval_interval'] == 0 or it == cfg['max_iters']) and not at_resume_point):
+            rng_states = gather_rng_states()
+            if master:
+                losses = estimate_loss(eval_model, splits, cfg, ctx, device)
+                if not (math.isfinite(losses['train']) and math.isfinite(losses['val'])):
+                    die(f"eval loss is {losses} at iter {it}: training diverged; the checkpoints in "
+                        f"{cfg['out_dir']} are from before. Lower --learning_rate or check the data")
+                tokens_per_s = iters_window * tokens_per_iter / train_time if train_time else 0.0
+                mfu = model.estimate_mfu(tokens_per_iter / world_size, train_time / iters_window, peak) if iters_window else 0.0
+                log(f"eval iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                if cfg['eval_only']:
+                    break
+                row = {'iter': it, 'tokens': it * tokens_per_iter, 'train_loss': losses['train'],
+                       'val_loss': losses['val'], 'lr': get_lr(it, cfg), 'tokens_per_s': round(tokens_per_s, 1),
+                       'mfu': round(mfu, 4), 'elapsed_s': round(elapsed_before + time.time() - t_start, 1)}
+                with open(log_path, 'a') as f:
+                    f.write(json.dumps(row) + '\n')
+                improved = losses['val'] < best_val_loss
+                if improved:
+                    best_val_loss = losses['val']
+                if it > 0 and improved:
+                    save_checkpoint(it, rng_states, best_only=True)
+                if it > 0 and (improved or cfg['always_save_checkpoint'] or it == cfg['max_iters']):
+                    save_checkpoint(it, rng_states)
+                    log(f"saved {cfg['out_dir']}/ckpt.pt" + (" and best_model_params.pt" if improved else ""))
+            if cfg['eval_only']:
+                break
+            iters_window, train_time = 0, 0.0
+            t_window = time.time()
+        if it >= cfg['max_iters']:
+            break
+
+        lr = get_lr(it, cfg)
+        batches = [get_batch(splits['train'], cfg['batch_size'], cfg['block_size'], data_gen, device)
+                   for _ in range(accum)]
+        loss = train_step(train_model, optimizer, scaler, batches, lr, cfg['grad_clip'], ctx)
+        it += 1
+        if ddp:  # average the loss over ranks and agree on stopping, in one small all-reduce
+            flags = torch.stack([loss.float(), torch.tensor(float(stop_signal[0]), device=loss.device)])
+            dist.all_reduce(flags)
+            loss, stop = flags[0] / world_size, flags[1].item() > 0
+        else:
+            stop = stop_signal[0] > 0
+        lossf = loss.item()
+        if not math.isfinite(lossf):
+            die(f"loss is {lossf} at iter {it}: training diverged. The last good checkpoint in "
+                f"{cfg['out_dir']} stays; resume from it with a lower --learning_rate or --grad_clip")
+
+        now = time.time()
+        iters_window += 1
+        train_time += now - t_window
+        dt, t_window = now - t_window, now
+        ema_dt = dt if ema_dt is None else 0.9 * ema_dt + 0.1 * dt
+        if it % cfg['log_interval'] == 0 and master:
+            mfu = model.estimate_mfu(tokens_per_iter / world_size, ema_dt, peak)
+            print(f"iter {it}/{cfg['max_iters']} | loss {lossf:.4f} | lr {lr:.2e} | {ema_dt * 1000:.0f} ms/iter | "
+                  f"{tokens_per_iter / ema_dt:,.0f} tok/s | mfu {mfu * 100:.1f}% | "
+                  f"eta {format_eta((cfg['max_iters'] - it) * ema_dt)}", flush=True)
+        if stop:
+            rng_states = gather_rng_states()
+            if master:
+                save_checkpoint(it, rng_states)
+                print(f"interrupted at iter {it}: saved {cfg['out_dir']}/ckpt.pt; "
+                      f"continue with --init_from=resume", flush=True)
+            if ddp:
+                dist.destroy_process_group()
+            sys.exit(128 + (stop_signal[0] or signal.SIGTERM))  # 130 after Ctrl-C, 143 after SIGTERM
+
+    if master and not cfg['eval_only']:
+        from plot import plot_log
+        peak_mem = (torch.cuda.max_memory_allocated() / 1e9 if device_type == 'cuda' else  # ru_maxrss: KiB, bytes on macOS
+                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024) / 1e9)
+        print(f"done: {it} iters, best val loss {best_val_loss:.4f}, peak memory {peak_mem:.2f} GB"
+              f"{' (GPU)' if device_type == 'cuda' else ' (RSS)'}; wrote {plot_log(cfg['out_dir'])}")
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except KeyboardInterrupt:  # a second Ctrl-C / SIGTERM: quit without saving
+        sys.exit(130)
