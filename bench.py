@@ -1,0 +1,502 @@
+"""
+Benchmark SLM on this machine, against limits measured on this machine in the same run.
+
+    python bench.py --what=peak      # the limits: matmul FLOP/s in the training dtype, memory GB/s
+    python bench.py --what=train     # the training step: tokens/s, ms/iter, MFU, peak memory
+    python bench.py --what=sample    # generation tokens/s, time to first token, vs the weight-read limit
+    python bench.py --what=prepare   # tokenizing MB/s vs one core's encode_ordinary rate x cores
+    python bench.py --what=train --batch_size=16 --dtype=bfloat16 --compile=True --threads=2
+
+nanoGPT's MFU divides by an A100's datasheet peak, which says nothing on a CPU or an H100.
+Here every fraction is of a limit measured in the same run on the same machine: a large
+GEMM for FLOP/s, a large copy and matrix-vector product for memory bandwidth, one core of
+the tokenizer for prepare. The CPU is often shared: every figure is the best of several
+repeats (noise only ever slows a run down), with the median beside it.
+"""
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import redirect_stdout
+
+import torch
+
+from common import autocast, config_defaults, die, parse_config, pick_device, pick_dtype, save_json
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+what = 'peak'           # peak | train | sample | prepare
+# the model: the seed config
+n_layer = 6
+n_head = 6
+n_embd = 384
+block_size = 128
+vocab_size = 50257
+dropout = 0.1
+bias = True
+# train
+batch_size = 32
+gradient_accumulation_steps = 1
+warmup = 2              # untimed steps first (allocations, compile, caches)
+iters = 3               # timed steps per repeat (more on GPUs: --iters=50)
+repeats = 3             # runs of every timed figure (sample: fewer once one took 5 s); best and median reported
+# sample
+batches = '1,8'         # batch sizes to generate at
+new_tokens = '100,200,500'  # new tokens per row; past block_size - prompt_tokens the window slides
+prompt_tokens = 10
+temperature = 0.8       # as sample.py
+top_k = 200
+nocache = True          # also time nanoGPT's no-cache loop (the reference; slow at batch 8)
+# prepare
+text = '../shared/data/tinystories/train.txt'  # a TinyStories-layout file, replicated to mb MB
+mb = 100.0
+# peak
+gemm_size = 0           # square GEMM side; 0 = 8192 on CUDA, 2048 elsewhere
+copy_mb = 0             # bandwidth buffer; 0 = 1024 MB on CUDA, 256 MB elsewhere (> L3 caches)
+# machine
+device = 'auto'         # auto = cuda, else mps, else cpu
+dtype = 'auto'          # float32, bfloat16, float16; auto = bf16/fp16 on GPUs, fp32 elsewhere
+compile = False
+threads = 0             # torch threads (and prepare's processes); 0 = all cores
+seed = 1337
+json = ''               # also write the figures to this JSON file
+# -----------------------------------------------------------------------------
+
+PT_DTYPE = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+
+def sync(device):
+    """Wait for queued GPU work, so wall-clock time measures it."""
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+    elif device.startswith('mps'):
+        torch.mps.synchronize()
+
+
+def timed(fn, device, warmup, repeats):
+    """Seconds of each of repeats calls of fn, after warmup untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def num_cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+
+
+def cpu_model():
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def header(cfg, device, dtype):
+    hw = torch.cuda.get_device_name(device) if device.startswith('cuda') else cpu_model()
+    return (f"bench {cfg['what']} | device {device} ({hw}) | torch {torch.__version__} | "
+            f"threads {torch.get_num_threads()} | dtype {dtype} | compile {'on' if cfg['compile'] else 'off'}")
+
+
+def print_table(rows):
+    """rows: list of lists of str, the first the column names; right-aligned columns."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print('  '.join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+
+
+def fmt_rate(x, unit):
+    for div, prefix in ((1e12, 'T'), (1e9, 'G'), (1e6, 'M'), (1e3, 'k')):
+        if x >= div:
+            return f"{x / div:.1f} {prefix}{unit}"
+    return f"{x:.1f} {unit}"
+
+
+# -----------------------------------------------------------------------------
+# peak: what this machine can do at best
+
+def measure_peak(device, dtype, gemm_size=0, copy_mb=0, repeats=5):
+    """The machine's achievable matmul FLOP/s in dtype and memory bandwidth in bytes/s.
+
+    FLOP/s: a warmed-up square GEMM (2 n^3 FLOPs). Bandwidth: a copy of a buffer larger
+    than the caches (read + write bytes counted) and a matrix-vector product over it
+    (the bytes of the matrix), the operation that batch-1 decoding is made of; the
+    bandwidth limit is the faster of the two. Each figure is the best of repeats.
+    Returns a dict; the buffers are freed when it returns.
+    """
+    cuda = device.startswith('cuda')
+    n = gemm_size or (8192 if cuda else 2048)
+    ptdtype = PT_DTYPE[dtype]
+    a = torch.randn(n, n, device=device).to(ptdtype)
+    b = torch.randn(n, n, device=device).to(ptdtype)
+    c = torch.empty(n, n, device=device, dtype=ptdtype)
+    gemm = timed(lambda: torch.mm(a, b, out=c), device, 2, repeats)
+    del a, b, c
+    nbytes = (copy_mb or (1024 if cuda else 256)) * 2**20
+    cols = 512
+    src = torch.ones(nbytes // (cols * ptdtype.itemsize), cols, device=device, dtype=ptdtype)
+    dst = torch.empty_like(src)
+    copy = timed(lambda: dst.copy_(src), device, 2, 2 * repeats)
+    del dst
+    x = torch.ones(cols, device=device, dtype=ptdtype)
+    y = torch.empty(src.size(0), device=device, dtype=ptdtype)
+    matvec = timed(lambda: torch.mv(src, x, out=y), device, 2, 2 * repeats)
+    nbytes = src.numel() * ptdtype.itemsize
+    del src, x, y
+    flops = 2 * n ** 3
+    result = {'gemm_size': n, 'buffer_bytes': nbytes,
+              'matmul_flops': flops / min(gemm), 'matmul_flops_median': flops / statistics.median(gemm),
+              'copy_bandwidth': 2 * nbytes / min(copy), 'copy_bandwidth_median': 2 * nbytes / statistics.median(copy),
+              'matvec_bandwidth': nbytes / min(matvec), 'matvec_bandwidth_median': nbytes / statistics.median(matvec)}
+    result['bandwidth'] = max(result['copy_bandwidth'], result['matvec_bandwidth'])
+    return result
+
+
+def print_peak(peak, dtype):
+    mb = peak['buffer_bytes'] / 2**20
+    print_table([
+        ['limit', 'best', 'median', 'how'],
+        [f'matmul {dtype}', fmt_rate(peak['matmul_flops'], 'FLOP/s'), fmt_rate(peak['matmul_flops_median'], 'FLOP/s'),
+         f"{peak['gemm_size']}x{peak['gemm_size']} GEMM, 2n^3 FLOPs"],
+        ['copy bandwidth', fmt_rate(peak['copy_bandwidth'], 'B/s'), fmt_rate(peak['copy_bandwidth_median'], 'B/s'),
+         f"{mb:.0f} MB copy, read + write bytes"],
+        ['matvec bandwidth', fmt_rate(peak['matvec_bandwidth'], 'B/s'),
+         fmt_rate(peak['matvec_bandwidth_median'], 'B/s'),
+         f"{mb:.0f} MB matrix x vector, matrix bytes"],
+    ])
+    print(f"memory bandwidth limit: {fmt_rate(peak['bandwidth'], 'B/s')} (the faster of copy and matvec)")
+
+
+def bench_peak(cfg, device, dtype):
+    peak = measure_peak(device, dtype, cfg['gemm_size'], cfg['copy_mb'], cfg['repeats'] + 2)
+    print_peak(peak, dtype)
+    return {'peak': peak}
+
+
+# -----------------------------------------------------------------------------
+# train: train.py's own step on random tokens
+
+def bench_train(cfg, device, dtype):
+    """Times train.py's loop body: get_lr, get_batch per micro-batch, train_step (forward,
+    loss, backward per micro-batch, clip, AdamW step) and the loss.item() that syncs it."""
+    import train
+    tcfg = {**config_defaults(vars(train)), **{k: cfg[k] for k in ('batch_size', 'block_size', 'seed',
+                                                                     'gradient_accumulation_steps')}}
+    device_type = device.split(':')[0]
+    if device_type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True  # as train.py
+        torch.backends.cudnn.allow_tf32 = True
+        torch.cuda.reset_peak_memory_stats()
+    model = make_model(cfg, device)
+    optimizer = model.configure_optimizers(tcfg['weight_decay'], tcfg['learning_rate'],
+                                           (tcfg['beta1'], tcfg['beta2']), device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
+    train_model = torch.compile(model) if cfg['compile'] else model
+    ctx = autocast(device, dtype)
+    B, T, accum = cfg['batch_size'], cfg['block_size'], cfg['gradient_accumulation_steps']
+    gen = torch.Generator().manual_seed(cfg['seed'])
+    # random tokens standing in for train.bin (a uint16 array, as the memmap is)
+    data = torch.randint(cfg['vocab_size'], (max(1 << 20, 2 * accum * B * (T + 1)),), generator=gen,
+                         dtype=torch.int32).numpy().astype('uint16')
+
+    def step(it):
+        batches = [train.get_batch(data, B, T, gen, device) for _ in range(accum)]
+        loss = train.train_step(train_model, optimizer, scaler, batches, train.get_lr(it, tcfg),
+                                tcfg['grad_clip'], ctx)
+        return loss.item()
+
+    for it in range(cfg['warmup']):
+        step(it)
+    per_iter = []  # mean seconds per step of each repeat
+    for r in range(cfg['repeats']):
+        sync(device)
+        t0 = time.perf_counter()
+        for it in range(cfg['iters']):
+            loss = step(cfg['warmup'] + r * cfg['iters'] + it)
+        per_iter.append((time.perf_counter() - t0) / cfg['iters'])
+        print(f"  repeat {r + 1}: {1000 * per_iter[-1]:.1f} ms/iter", file=sys.stderr)
+    if device_type == 'cuda':
+        peak_mem, mem_name = torch.cuda.max_memory_allocated(), 'peak GPU memory (max_memory_allocated)'
+    else:  # read before measure_peak allocates its buffers; includes Python + torch themselves
+        unit = 1 if sys.platform == 'darwin' else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
+        peak_mem, mem_name = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit, 'peak RSS (ru_maxrss)'
+    del train_model, optimizer, scaler
+    peak = measure_peak(device, dtype, cfg['gemm_size'], cfg['copy_mb'])
+
+    tokens = accum * B * T
+    fpt = model.flops_per_token()
+    N = model.get_num_params(non_embedding=False) - model.transformer.wpe.weight.numel()
+    best, median = min(per_iter), statistics.median(per_iter)
+    mfu, mfu_median = (model.estimate_mfu(tokens, dt, peak['matmul_flops']) for dt in (best, median))
+    limit = peak['matmul_flops'] / fpt  # tokens/s at 100% MFU
+    print(f"{tokens:,} tokens per step ({accum} x {B} x {T}), loss {loss:.3f}, {cfg['warmup']} warm-up steps, "
+          f"then {cfg['repeats']} repeats of {cfg['iters']} steps")
+    print(f"model FLOPs per token = 6*N + 12*n_layer*n_embd*block_size = 6*{N:,} + 12*{cfg['n_layer']}*"
+          f"{cfg['n_embd']}*{T} = {fpt / 1e6:.1f} MFLOP (N = parameters less the position table)")
+    print_table([
+        ['figure', 'best', 'median', 'limit', 'of limit'],
+        ['tokens/s', f"{tokens / best:,.0f}", f"{tokens / median:,.0f}", f"{limit:,.0f}",
+         f"{tokens / best / limit:.0%}"],
+        ['ms/iter', f"{1000 * best:.1f}", f"{1000 * median:.1f}", f"{1000 * tokens / limit:.1f}", ''],
+        ['MFU', f"{mfu:.1%}", f"{mfu_median:.1%}", '100%', ''],
+        [mem_name, f"{peak_mem / 1e9:.2f} GB", '', '', ''],
+    ])
+    print(f"limit = measured {dtype} matmul peak {fmt_rate(peak['matmul_flops'], 'FLOP/s')} "
+          f"({peak['gemm_size']}x{peak['gemm_size']} GEMM) / FLOPs per token")
+    return {'peak': peak, 'train': {
+        'tokens_per_iter': tokens, 'seconds_per_iter': per_iter, 'tokens_per_s': tokens / best,
+        'tokens_per_s_median': tokens / median, 'flops_per_token': fpt,
+        'mfu': mfu, 'mfu_median': mfu_median,
+        'peak_memory_bytes': peak_mem, 'memory': mem_name, 'loss': loss}}
+
+
+# -----------------------------------------------------------------------------
+# sample: generation speed against the weight-read and FLOP limits
+
+def make_model(cfg, device):
+    torch.manual_seed(cfg['seed'])
+    config = GPTConfig(vocab_size=cfg['vocab_size'], block_size=cfg['block_size'], n_layer=cfg['n_layer'],
+                       n_head=cfg['n_head'], n_embd=cfg['n_embd'], dropout=cfg['dropout'], bias=cfg['bias'])
+    return GPT(config, verbose=False).to(device)
+
+
+def step_tokens(prompt_len, n, block_size, mode):
+    """Tokens each of the n steps of generate_stream runs through the model (its schedule)."""
+    steps, total, pos = [], prompt_len, 0
+    for _ in range(n):
+        if mode == 'no cache':  # the whole (cropped) context every step
+            steps.append(min(total, block_size))
+        elif pos == 0 or pos == block_size:  # the prompt, or a full window re-run (exact) / halved (fast)
+            pos = min(total, block_size // 2 if mode == 'fast' and pos == block_size else block_size)
+            steps.append(pos)
+        else:
+            steps.append(1)
+            pos += 1
+        total += 1
+    return steps
+
+
+def generation_limit(model, batch, steps, peak):
+    """Fewest seconds the steps can take: each step reads every weight once (bandwidth) and
+    does 2 FLOPs per weight per token run through the blocks, plus the lm_head for the one
+    position sampled (matmul FLOP/s); it cannot beat the slower of the two."""
+    weight_bytes = weight_bytes_per_step(model)
+    body = sum(p.numel() for p in model.transformer.h.parameters())
+    head = model.lm_head.weight.numel()
+    return sum(max(weight_bytes / peak['bandwidth'], batch * (2 * body * t + 2 * head) / peak['matmul_flops'])
+               for t in steps)
+
+
+def weight_bytes_per_step(model):
+    """Bytes of weights a decoding step reads: all of them, less the position table (one row)."""
+    wpe = model.transformer.wpe.weight
+    return sum(p.numel() * p.element_size() for p in model.parameters()) - wpe.numel() * wpe.element_size()
+
+
+def time_generation(model, prompt, n, mode, cfg, device, dtype):
+    """(seconds to the first token, seconds for all n) of one generate_stream run."""
+    sync(device)
+    t0 = time.perf_counter()
+    first = None
+    with autocast(device, dtype):
+        for i, _ in enumerate(model.generate_stream(prompt, n, cfg['temperature'], cfg['top_k'],
+                                                    use_kv_cache=mode != 'no cache', fast_window=mode == 'fast')):
+            if i == 0:
+                sync(device)
+                first = time.perf_counter() - t0
+    sync(device)
+    return first, time.perf_counter() - t0
+
+
+def int_list(cfg, key):
+    try:
+        values = [int(v) for v in str(cfg[key]).split(',') if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        die(f"--{key}={cfg[key]!r} must be comma-separated whole numbers >= 1, e.g. --{key}=1,8")
+    return values
+
+
+def bench_sample(cfg, device, dtype):
+    batches, lengths = int_list(cfg, 'batches'), int_list(cfg, 'new_tokens')
+    T0 = cfg['prompt_tokens']
+    if not 1 <= T0 <= cfg['block_size']:
+        die(f"--prompt_tokens={T0} must be between 1 and block_size ({cfg['block_size']})")
+    peak_before = measure_peak(device, dtype, cfg['gemm_size'], cfg['copy_mb'])
+    model = make_model(cfg, device)
+    model.eval()
+    if cfg['compile']:
+        model.forward_cached = torch.compile(model.forward_cached, dynamic=True)  # as sample.py
+    modes = ['kv', 'fast'] + (['no cache'] if cfg['nocache'] else [])
+    gen = torch.Generator().manual_seed(cfg['seed'])
+    results = []
+    for B in batches:
+        prompt = torch.randint(cfg['vocab_size'], (B, T0), generator=gen).to(device)
+        # warm up every code path at this batch size (allocations; with compile, every shape)
+        warm = min(max(lengths), cfg['block_size'] - T0 + 2 if cfg['compile'] else 8)
+        for mode in modes:
+            time_generation(model, prompt, warm, mode, cfg, device, dtype)
+        for n in lengths:
+            for mode in modes:
+                if mode == 'fast' and T0 + n <= cfg['block_size']:
+                    continue  # inside the window fast and exact are the same code
+                times = []
+                while len(times) < cfg['repeats'] and sum(t[1] for t in times) < 5:  # long runs: fewer repeats
+                    times.append(time_generation(model, prompt, n, mode, cfg, device, dtype))
+                first, total = min(times, key=lambda t: t[1])
+                r = {'batch': B, 'new_tokens': n, 'mode': mode, 'tokens_per_s': B * n / total,
+                     'tokens_per_s_median': B * n / statistics.median(t[1] for t in times),
+                     'first_token_ms': 1000 * first, 'runs': len(times)}
+                results.append(r)
+                print(f"  batch {B}, {n} new tokens, {mode}: {r['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+    # the limits: peak measured before and after the rows, the better of the two (less noise)
+    peak_after = measure_peak(device, dtype, cfg['gemm_size'], cfg['copy_mb'])
+    peak = {k: max(v, peak_after[k]) for k, v in peak_before.items()}
+    for r in results:
+        steps = step_tokens(T0, r['new_tokens'], cfg['block_size'], r['mode'])
+        r['limit_tokens_per_s'] = r['batch'] * r['new_tokens'] / generation_limit(model, r['batch'], steps, peak)
+    wb = weight_bytes_per_step(model)
+    ratios = print_sample(results, cfg, peak, wb)
+    return {'peak': peak, 'sample': results, 'ratios': ratios, 'weight_bytes_per_step': wb}
+
+
+def print_sample(results, cfg, peak, wb):
+    """The table of sample rows, then the ratios the targets are stated in (from this one run)."""
+    T0, batches, lengths = cfg['prompt_tokens'], int_list(cfg, 'batches'), int_list(cfg, 'new_tokens')
+    exact = 'kv (exact)'
+    rows = [['batch', 'new', 'mode', 'tokens/s', 'median', 'runs', 'ms/step', 'first token', 'limit', 'of limit']]
+    for r in results:
+        rows.append([str(r['batch']), str(r['new_tokens']), exact if r['mode'] == 'kv' else r['mode'],
+                     f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_s_median']:.1f}", str(r['runs']),
+                     f"{1000 * r['batch'] / r['tokens_per_s']:.2f}", f"{r['first_token_ms']:.1f} ms",
+                     f"{r['limit_tokens_per_s']:.1f}", f"{r['tokens_per_s'] / r['limit_tokens_per_s']:.0%}"])
+    print(f"prompt {T0} random tokens, temperature {cfg['temperature']}, top_k {cfg['top_k']}; "
+          f"tokens/s = batch x new tokens / seconds of the whole call (first token included)")
+    print_table(rows)
+    print(f"limit = per step the slower of reading the weights ({wb / 1e6:.1f} MB at "
+          f"{fmt_rate(peak['bandwidth'], 'B/s')}: {peak['bandwidth'] / wb:.1f} steps/s) and their matmul FLOPs "
+          f"at {fmt_rate(peak['matmul_flops'], 'FLOP/s')}")
+    row = {(r['batch'], r['new_tokens'], r['mode']): r for r in results}
+    ratios = {}
+    tps = lambda *key: row[key]['tokens_per_s']
+    n_in = max([n for n in lengths if T0 + n <= cfg['block_size']], default=None)  # inside the window
+    if (1, n_in, 'kv') in row:
+        r = row[(1, n_in, 'kv')]
+        ratios['batch1_of_weight_read_limit'] = f = r['tokens_per_s'] / r['limit_tokens_per_s']
+        print(f"batch 1, {n_in} new tokens (inside the window): {f:.0%} of the weight-read limit (target >= 80%)")
+    for n in lengths:
+        if (1, n, 'no cache') in row:
+            ratios[f'kv_vs_nocache_{n}'] = f = tps(1, n, 'kv') / tps(1, n, 'no cache')
+            print(f"batch 1, {n} new tokens: kv cache (exact) {f:.2f}x no cache"
+                  + (" (target >= 1.8x)" if n == 200 else ""))
+    for B in batches:
+        if B > 1 and (B, n_in, 'kv') in row and (1, n_in, 'kv') in row:
+            ratios[f'batch{B}_vs_batch1_{n_in}'] = f = tps(B, n_in, 'kv') / tps(1, n_in, 'kv')
+            print(f"batch {B}, {n_in} new tokens: {f:.2f}x the tokens/s of batch 1"
+                  + (" (target >= 5x)" if B == 8 else ""))
+    return ratios
+
+
+# -----------------------------------------------------------------------------
+# prepare: tokenizing speed against one core's tokenizer rate x cores
+
+def bench_prepare(cfg, device, dtype):
+    import prepare
+    from common import get_tokenizer
+    src, workers = cfg['text'], cfg['threads'] or num_cores()
+    if cfg['mb'] <= 0:
+        die(f"--mb={cfg['mb']} must be > 0: the MB of text to tokenize")
+    if not os.path.isfile(src):
+        die(f"--text={src} not found: pass a text file in the TinyStories layout (stories each followed "
+            f"by a line <|endoftext|>), e.g. ../shared/data/tinystories/train.txt")
+    stories = prepare.read_stories(src)  # dies clearly on a missing, empty or non-UTF-8 file
+    with open(src, 'rb') as f:
+        data = f.read()
+    if not data.rstrip().endswith(b'<|endoftext|>'):
+        data = data.rstrip() + b'\n<|endoftext|>\n'  # copies must not merge a last story with the next first
+    copies = -(-int(cfg['mb'] * 1e6) // len(data))
+
+    enc = get_tokenizer()
+    enc.encode_ordinary(stories[0])  # loads the BPE ranks
+    text_bytes = sum(len(s.encode('utf-8')) for s in stories)
+    one_core, runs = [], []
+    with tempfile.TemporaryDirectory(prefix='slm_bench_') as tmp:
+        train_path = os.path.join(tmp, 'train.txt')
+        with open(train_path, 'wb') as f:
+            for _ in range(copies):
+                f.write(data)
+        for _ in range(cfg['repeats']):  # limit and figure in turns, so both see the same machine
+            # the limit: encode_ordinary on one core, story by story as the workers call it, for
+            # >= 1 s (a short burst would catch only the quiet moments of a busy machine)
+            t0, passes = time.perf_counter(), 0
+            while passes == 0 or time.perf_counter() - t0 < 1.0:
+                for s in stories:
+                    enc.encode_ordinary(s)
+                passes += 1
+            one_core.append(passes * text_bytes / (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            with open(os.devnull, 'w') as quiet, redirect_stdout(quiet):  # prepare's progress lines
+                meta = prepare.prepare_files([train_path], [src], os.path.join(tmp, 'out'), force=True,
+                                             num_proc=workers)
+            runs.append(time.perf_counter() - t0)
+    nbytes = sum(s['text_bytes'] for s in meta['splits'].values())
+    tokens = sum(s['tokens'] for s in meta['splits'].values())
+    limit = max(one_core) * workers
+    best = nbytes / min(runs)
+    print(f"prepare.prepare_files on {src} x {copies} ({nbytes / 1e6:.1f} MB of stories, {tokens:,} tokens) "
+          f"with {workers} processes; MB = 1e6 bytes of stripped story text")
+    print_table([
+        ['figure', 'best', 'median', 'limit', 'of limit'],
+        ['prepare MB/s', f"{best / 1e6:.2f}", f"{nbytes / statistics.median(runs) / 1e6:.2f}",
+         f"{limit / 1e6:.2f}", f"{best / limit:.0%}"],
+        ['prepare tokens/s', f"{tokens / min(runs) / 1e6:.2f}M", f"{tokens / statistics.median(runs) / 1e6:.2f}M",
+         '', ''],
+        ['encode_ordinary 1 core MB/s', f"{max(one_core) / 1e6:.2f}", f"{statistics.median(one_core) / 1e6:.2f}",
+         '', ''],
+    ])
+    print(f"limit = one core's encode_ordinary rate x {workers} cores = {limit / 1e6:.2f} MB/s")
+    return {'prepare': {'text_bytes': nbytes, 'tokens': tokens, 'seconds': runs, 'workers': workers,
+                        'mb_per_s': best / 1e6, 'tokens_per_s': tokens / min(runs),
+                        'one_core_mb_per_s': max(one_core) / 1e6, 'limit_mb_per_s': limit / 1e6,
+                        'fraction_of_limit': best / limit}}
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    cfg = parse_config(config_defaults(globals()), argv)
+    modes = {'peak': bench_peak, 'train': bench_train, 'sample': bench_sample, 'prepare': bench_prepare}
+    if cfg['what'] not in modes:
+        die(f"--what={cfg['what']!r} is not one of {', '.join(modes)}")
+    for key in ('iters', 'repeats', 'batch_size', 'block_size', 'gradient_accumulation_steps'):
+        if cfg[key] < 1:
+            die(f"--{key}={cfg[key]} must be at least 1")
+    dev = pick_device(cfg['device'])
+    try:
+        torch.empty(1, device=dev)
+    except Exception as e:
+        die(f"device {dev!r} is not usable here ({str(e).splitlines()[0]}): use --device=cpu or --device=auto")
+    precision = pick_dtype(cfg['dtype'], dev)
+    torch.set_num_threads(cfg['threads'] or num_cores())
+    print(header(cfg, dev, precision), flush=True)
+    results = modes[cfg['what']](cfg, dev, precision)
+    if cfg['json']:
+        save_json({'header': header(cfg, dev, precision), 'config': cfg, **results}, cfg['json'])
+
+
+if __name__ == '__main__':
+    main()

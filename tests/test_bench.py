@@ -1,0 +1,128 @@
+"""bench.py: every mode runs on a tiny config, prints its header and figures; the limits
+it compares against follow the code they bound."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import bench
+from model import GPT, GPTConfig
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_MODEL = ['--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=16', '--threads=1']
+TINY_PEAK = ['--gemm_size=128', '--copy_mb=4', '--repeats=1']
+
+
+def run_bench(tmp_path, *args):
+    """bench.py in a subprocess; returns (completed process, its --json figures)."""
+    out = tmp_path / 'bench.json'
+    env = dict(os.environ, TMPDIR=str(tmp_path))  # prepare's temp copy goes here: we check it is removed
+    r = subprocess.run([sys.executable, 'bench.py', *args, f'--json={out}'], cwd=REPO, capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r, json.loads(out.read_text())
+
+
+def check_header(stdout, what, dtype='float32'):
+    first = stdout.splitlines()[0]
+    assert first.startswith(f'bench {what} | device cpu (')
+    assert f'torch {torch.__version__}' in first and 'threads 1' in first
+    assert f'dtype {dtype}' in first and 'compile off' in first
+
+
+def test_peak_measures_flops_and_bandwidth(tmp_path):
+    r, res = run_bench(tmp_path, '--what=peak', '--threads=1', *TINY_PEAK)
+    check_header(r.stdout, 'peak')
+    assert 'FLOP/s' in r.stdout and 'memory bandwidth limit' in r.stdout
+    peak = res['peak']
+    assert peak['gemm_size'] == 128 and peak['buffer_bytes'] == 4 * 2**20
+    assert 1e6 < peak['matmul_flops'] < 1e15 and peak['matmul_flops'] >= peak['matmul_flops_median']
+    assert peak['bandwidth'] == max(peak['copy_bandwidth'], peak['matvec_bandwidth']) > 1e6
+
+
+def test_sample_times_every_mode_against_its_limit(tmp_path):
+    r, res = run_bench(tmp_path, '--what=sample', *TINY_MODEL, *TINY_PEAK, '--batches=1,2',
+                       '--new_tokens=6,20', '--prompt_tokens=4')
+    check_header(r.stdout, 'sample')
+    seen = {(row['batch'], row['new_tokens'], row['mode']) for row in res['sample']}
+    # fast differs from exact only past the window (4 + 20 > 16), so it is timed only there
+    assert seen == ({(b, n, m) for b in (1, 2) for n in (6, 20) for m in ('kv', 'no cache')}
+                    | {(1, 20, 'fast'), (2, 20, 'fast')})
+    for row in res['sample']:
+        assert row['tokens_per_s'] > 0 and row['first_token_ms'] > 0 and row['limit_tokens_per_s'] > 0
+    assert set(res['ratios']) == {'batch1_of_weight_read_limit', 'kv_vs_nocache_6', 'kv_vs_nocache_20',
+                                  'batch2_vs_batch1_6'}
+    assert 'of the weight-read limit' in r.stdout and 'kv (exact)' in r.stdout
+    n_weights = sum(p.numel() for p in GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16),
+                                          verbose=False).parameters())
+    assert res['weight_bytes_per_step'] == 4 * (n_weights - 16 * 32)  # fp32, all but the position table
+
+
+def test_prepare_times_the_real_path_and_cleans_up(tmp_path, stories_dir):
+    src = stories_dir / 'sample5.txt'
+    r, res = run_bench(tmp_path, '--what=prepare', f'--text={src}', '--mb=0.02', '--repeats=1', '--threads=1')
+    check_header(r.stdout, 'prepare')
+    assert 'prepare MB/s' in r.stdout and 'encode_ordinary 1 core' in r.stdout
+    import prepare
+    stories = prepare.read_stories(src)
+    copies = -(-20_000 // src.stat().st_size)  # the file replicated to >= 0.02 MB, plus itself as val
+    p = res['prepare']
+    assert p['tokens'] == (copies + 1) * len(prepare.encode_stories(stories))
+    assert p['text_bytes'] == (copies + 1) * sum(len(s.encode()) for s in stories)
+    assert p['workers'] == 1 and p['limit_mb_per_s'] == pytest.approx(p['one_core_mb_per_s'])
+    assert 0 < p['fraction_of_limit'] < 10
+    assert [f.name for f in tmp_path.iterdir()] == ['bench.json']  # the replicated text is gone
+
+
+def test_train_times_the_real_step_and_counts_flops_by_hand(tmp_path):
+    r, res = run_bench(tmp_path, '--what=train', *TINY_MODEL, '--vocab_size=512', '--batch_size=2',
+                       '--gradient_accumulation_steps=2', '--warmup=1', '--iters=2', '--repeats=2',
+                       '--gemm_size=256', '--copy_mb=4')
+    check_header(r.stdout, 'train')
+    t = res['train']
+    # hand count for n_layer=1, n_embd=C=32, vocab V=512, block_size 16: per block q,k,v + proj
+    # (4C^2 + 4C), MLP (8C^2 + 5C), two LayerNorms (4C); the final LayerNorm (2C); the tied
+    # embedding once, as the output layer (V*C). Training = 6 FLOPs per weight per token,
+    # plus attention: 12 * n_layer * C * block_size.
+    C, V = 32, 512
+    n = (4 * C * C + 4 * C) + (8 * C * C + 5 * C) + 4 * C + 2 * C + V * C
+    assert t['flops_per_token'] == 6 * n + 12 * 1 * C * 16
+    assert f"6*{n:,} + 12*1*32*16" in r.stdout
+    assert t['tokens_per_iter'] == 2 * 2 * 16 and len(t['seconds_per_iter']) == 2
+    assert 0 < t['mfu'] < 1 and t['mfu'] >= t['mfu_median']
+    assert t['tokens_per_s'] == pytest.approx(64 / min(t['seconds_per_iter']))
+    assert 100e6 < t['peak_memory_bytes'] < 4e9 and 'peak RSS' in r.stdout
+    assert 5 < t['loss'] < 8  # cross-entropy of random tokens over 512 ids: about ln(512) = 6.2
+
+
+def test_bad_options_fail_in_one_line(tmp_path):
+    for args, words in ((['--what=fly'], 'peak, train, sample, prepare'),
+                        (['--what=sample', '--batches=0'], '--batches'),
+                        (['--what=prepare', '--text=/nonexistent.txt'], 'not found')):
+        r = subprocess.run([sys.executable, 'bench.py', *args], cwd=REPO, capture_output=True, text=True,
+                           env=os.environ, timeout=60)
+        assert r.returncode == 1 and r.stderr.startswith('error:') and words in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize('prompt_len,n', [(3, 10), (5, 30), (16, 7)])
+def test_generation_limit_follows_generate_schedule(prompt_len, n):
+    """step_tokens (what the limit counts) is the number of tokens generate_stream really
+    runs through the model at each step, for the exact, fast and no-cache paths."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16), verbose=False).eval()
+    for mode in ('kv', 'fast', 'no cache'):
+        calls = []
+        cached, full = model.forward_cached, model.forward
+        model.forward_cached = lambda idx, cache, pos: calls.append(idx.size(1)) or cached(idx, cache, pos)
+        model.forward = lambda idx, targets=None: calls.append(idx.size(1)) or full(idx, targets)
+        try:
+            model.generate(torch.zeros(1, prompt_len, dtype=torch.long), n, use_kv_cache=mode != 'no cache',
+                           fast_window=mode == 'fast')
+        finally:
+            del model.forward_cached, model.forward
+        assert calls == bench.step_tokens(prompt_len, n, 16, mode), mode
