@@ -98,14 +98,12 @@ class GeluLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        h, weight = ctx.saved_tensors
-        with torch.enable_grad():  # under autocast h and grad_out are bf16/fp16, weight fp32
-            h = h.detach().requires_grad_()
-            a = F.gelu(h)
+        h, weight = ctx.saved_tensors  # under autocast h and grad_out are bf16/fp16, weight fp32
+        a = F.gelu(h)
         grad_a = grad_out @ weight.to(grad_out.dtype)
-        grad_h, = torch.autograd.grad(a, h, grad_a)
+        grad_h = torch.ops.aten.gelu_backward(grad_a.to(h.dtype), h)  # the kernel autograd's GELU runs
         rows = grad_out.reshape(-1, grad_out.size(-1))
-        grad_w = (rows.t() @ a.detach().reshape(-1, a.size(-1)).to(rows.dtype)).to(weight.dtype)
+        grad_w = (rows.t() @ a.reshape(-1, a.size(-1)).to(rows.dtype)).to(weight.dtype)
         grad_b = None if ctx.bias_dtype is None else rows.sum(0).to(ctx.bias_dtype)
         return grad_h, grad_w, grad_b
 
@@ -309,7 +307,10 @@ class GPT(nn.Module):
         last = len(self.transformer.h) - 1
         for i, block in enumerate(self.transformer.h):
             x = block.forward_cached(x, cache[i], pos, last_only=(i == last))
-        return self.lm_head(self.transformer.ln_f(x[:, -1]))
+        x = self.transformer.ln_f(x[:, -1])
+        # lm_head(x) as (W @ x.T).T: for a few rows of x, CPU GEMMs (MKL) first copy all of
+        # the transposed 50257 x n_embd weight, which makes batch 8 take 2x as long
+        return (self.lm_head.weight @ x.t()).t()
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eot_token=None,
@@ -333,7 +334,7 @@ class GPT(nn.Module):
         (positions are learned and absolute), so the exact way re-runs the whole window per
         step. fast_window=True instead keeps the last block_size // 2 tokens when the window
         is full and goes on one token per step: much faster for long texts, but each token
-        then sees 64..128 tokens of context instead of 128 (README: speed and cost in loss).
+        then sees block_size // 2 .. block_size tokens of context (README: speed, loss cost).
         use_kv_cache=False is nanoGPT's loop, the reference: re-run the context every step.
         temperature 0 is greedy; see sample_logits for top_k and top_p. With eot_token, a row
         that has produced it yields eot_token from then on, and the stream ends once all have.

@@ -71,6 +71,7 @@ dtype = 'auto'                   # auto: bfloat16 on GPUs that have it, else flo
 compile = False                  # torch.compile the model (faster on GPUs, slow to start)
 backend = 'auto'                 # DDP backend; auto: nccl on CUDA, gloo otherwise
 peak_flops = 0.0                 # device peak FLOP/s for MFU; 0: measure a dense matmul at startup
+report = True                    # at the end, write out_dir/report.md (eval.py's report card)
 # -----------------------------------------------------------------------------
 
 MODEL_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'dropout')
@@ -415,6 +416,9 @@ def main(argv=None):
                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024) / 1e9)
         print(f"done: {it} iters, best val loss {best_val_loss:.4f}, peak memory {peak_mem:.2f} GB"
               f"{' (GPU)' if device_type == 'cuda' else ' (RSS)'}; wrote {plot_log(cfg['out_dir'])}")
+        if cfg['report']:
+            from eval import write_report
+            print(f"wrote {write_report(cfg['out_dir'], device=device, dtype=dtype)}", flush=True)
     if ddp:
         dist.destroy_process_group()
 

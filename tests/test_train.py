@@ -109,7 +109,7 @@ def test_accumulating_four_quarter_batches_matches_one_full_batch():
 @pytest.mark.parametrize('autocast_dtype', [None, torch.bfloat16])
 def test_memory_lean_training_path_matches_plain_autograd(monkeypatch, autocast_dtype):
     """model.py keeps less for backward on CPU (checkpointed attention, GeluLinear, byte-mask
-    dropout); the loss and every gradient must equal plain autograd's, dropout masks included."""
+    dropout); the loss and every gradient must match plain autograd's, dropout masks included."""
     import model as M
     import torch.nn.functional as F
     torch.manual_seed(0)
@@ -137,7 +137,7 @@ def test_memory_lean_training_path_matches_plain_autograd(monkeypatch, autocast_
     monkeypatch.setattr(M.CausalSelfAttention, 'forward', plain_attention)
     monkeypatch.setattr(M.MLP, 'forward', lambda self, x: self.dropout(self.c_proj(F.gelu(self.c_fc(x)))))
     plain = loss_and_grads()
-    assert lean[0] == plain[0]
+    assert lean[0] == plain[0]  # the same forward, bit for bit
     for a, b in zip(lean[1], plain[1]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -209,6 +209,8 @@ def test_training_writes_checkpoints_log_and_plot(run_a):
     assert set(ckpt) == set(best) | {'optimizer', 'scaler', 'rng'} and ckpt['iter_num'] == 8
     assert not any(k.startswith(('_orig_mod.', 'module.')) for k in ckpt['model'])
     assert (out / 'loss_curve.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    report = (out / 'report.md').read_text()  # the run's report card, written when training ends
+    assert '## Evaluation' in report and '## Sample stories' in report and 'loss_curve.png' in report
     assert re.search(r'^iter 8/8 \| loss [\d.]+ \| lr [\d.e+-]+ \| \d+ ms/iter \| [\d,]+ tok/s \| mfu [\d.]+% \| eta \d+m\d+s$',
                      stdout, re.M)
 
