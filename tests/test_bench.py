@@ -118,7 +118,7 @@ def test_generation_limit_follows_generate_schedule(prompt_len, n):
     for mode in ('kv', 'fast', 'no cache'):
         calls = []
         cached, full = model.forward_cached, model.forward
-        model.forward_cached = lambda idx, cache, pos: calls.append(idx.size(1)) or cached(idx, cache, pos)
+        model.forward_cached = lambda idx, *args: calls.append(idx.size(1)) or cached(idx, *args)
         model.forward = lambda idx, targets=None: calls.append(idx.size(1)) or full(idx, targets)
         try:
             model.generate(torch.zeros(1, prompt_len, dtype=torch.long), n, use_kv_cache=mode != 'no cache',

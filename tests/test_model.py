@@ -80,6 +80,21 @@ def test_cached_logits_match_the_full_forward_token_by_token():
             logits = model.forward_cached(idx[:, t:t + 1], cache, t)
 
 
+def test_batch_1_generation_follows_weight_updates():
+    """Batch 1 decodes with a transposed copy of lm_head kept between calls: after the weights
+    change (as an optimizer step or load_state_dict changes them), it must use the new ones."""
+    model = tiny_model()
+    idx = prompts(1, 4)
+    before = model.generate(idx, 12, temperature=0)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)  # tied: the embedding changes too
+    after = model.generate(idx, 12, temperature=0)
+    assert not torch.equal(before, after)
+    assert torch.equal(after, model.generate(idx, 12, temperature=0, use_kv_cache=False))
+    logits = model.forward_cached(idx, model.new_kv_cache(1), 0, model.head_transposed())
+    assert torch.allclose(logits, model(idx)[0][:, -1], atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize('prompt_len, new', [(3, 10), (5, 40), (16, 20), (30, 25)])
 def test_kv_cache_greedy_equals_no_cache_reference(prompt_len, new):
     # block_size is 16: (5, 40) and (16, 20) run far past it, (30, 25) starts past it
