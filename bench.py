@@ -24,7 +24,8 @@ from contextlib import redirect_stdout
 
 import torch
 
-from common import autocast, config_defaults, die, parse_config, pick_device, pick_dtype, save_json
+from common import (autocast, config_defaults, die, matmul_flops, parse_config, pick_device, pick_dtype,
+                    save_json, sync, timed)
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -64,31 +65,6 @@ threads = 0             # torch threads (and prepare's processes); 0 = all cores
 seed = 1337
 json = ''               # also write the figures to this JSON file
 # -----------------------------------------------------------------------------
-
-PT_DTYPE = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
-
-
-def sync(device):
-    """Wait for queued GPU work, so wall-clock time measures it."""
-    if device.startswith('cuda'):
-        torch.cuda.synchronize()
-    elif device.startswith('mps'):
-        torch.mps.synchronize()
-
-
-def timed(fn, device, warmup, repeats):
-    """Seconds of each of repeats calls of fn, after warmup untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
-
 
 def num_cores():
     return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
@@ -132,19 +108,14 @@ def measure_peak(device, dtype, gemm_size=0, copy_mb=0, repeats=5):
     """The machine's achievable matmul FLOP/s in dtype and memory bandwidth in bytes/s.
 
     FLOP/s: a warmed-up square GEMM (2 n^3 FLOPs). Bandwidth: a copy of a buffer larger
-    than the caches (read + write bytes counted) and a matrix-vector product over it
-    (the bytes of the matrix), the operation that batch-1 decoding is made of; the
-    bandwidth limit is the faster of the two. Each figure is the best of repeats.
+    than the caches (read + write bytes counted) and matrix x vector and vector x matrix
+    products over it (the bytes of the matrix), the operations batch-1 decoding is made
+    of; the bandwidth limit is the fastest of the three. Each figure is the best of repeats.
     Returns a dict; the buffers are freed when it returns.
     """
     cuda = device.startswith('cuda')
-    n = gemm_size or (8192 if cuda else 2048)
-    ptdtype = PT_DTYPE[dtype]
-    a = torch.randn(n, n, device=device).to(ptdtype)
-    b = torch.randn(n, n, device=device).to(ptdtype)
-    c = torch.empty(n, n, device=device, dtype=ptdtype)
-    gemm = timed(lambda: torch.mm(a, b, out=c), device, 2, repeats)
-    del a, b, c
+    n, gemm = matmul_flops(device, dtype, gemm_size, repeats)
+    ptdtype = getattr(torch, dtype)
     nbytes = (copy_mb or (1024 if cuda else 256)) * 2**20
     cols = 512
     src = torch.ones(nbytes // (cols * ptdtype.itemsize), cols, device=device, dtype=ptdtype)
@@ -154,14 +125,15 @@ def measure_peak(device, dtype, gemm_size=0, copy_mb=0, repeats=5):
     x = torch.ones(cols, device=device, dtype=ptdtype)
     y = torch.empty(src.size(0), device=device, dtype=ptdtype)
     matvec = timed(lambda: torch.mv(src, x, out=y), device, 2, 2 * repeats)
+    vecmat = timed(lambda: torch.mv(src.t(), y, out=x), device, 2, 2 * repeats)  # y @ src
     nbytes = src.numel() * ptdtype.itemsize
     del src, x, y
-    flops = 2 * n ** 3
     result = {'gemm_size': n, 'buffer_bytes': nbytes,
-              'matmul_flops': flops / min(gemm), 'matmul_flops_median': flops / statistics.median(gemm),
+              'matmul_flops': max(gemm), 'matmul_flops_median': statistics.median(gemm),
               'copy_bandwidth': 2 * nbytes / min(copy), 'copy_bandwidth_median': 2 * nbytes / statistics.median(copy),
-              'matvec_bandwidth': nbytes / min(matvec), 'matvec_bandwidth_median': nbytes / statistics.median(matvec)}
-    result['bandwidth'] = max(result['copy_bandwidth'], result['matvec_bandwidth'])
+              'matvec_bandwidth': nbytes / min(matvec), 'matvec_bandwidth_median': nbytes / statistics.median(matvec),
+              'vecmat_bandwidth': nbytes / min(vecmat), 'vecmat_bandwidth_median': nbytes / statistics.median(vecmat)}
+    result['bandwidth'] = max(result['copy_bandwidth'], result['matvec_bandwidth'], result['vecmat_bandwidth'])
     return result
 
 
@@ -176,8 +148,11 @@ def print_peak(peak, dtype):
         ['matvec bandwidth', fmt_rate(peak['matvec_bandwidth'], 'B/s'),
          fmt_rate(peak['matvec_bandwidth_median'], 'B/s'),
          f"{mb:.0f} MB matrix x vector, matrix bytes"],
+        ['vecmat bandwidth', fmt_rate(peak['vecmat_bandwidth'], 'B/s'),
+         fmt_rate(peak['vecmat_bandwidth_median'], 'B/s'),
+         f"{mb:.0f} MB vector x matrix, matrix bytes"],
     ])
-    print(f"memory bandwidth limit: {fmt_rate(peak['bandwidth'], 'B/s')} (the faster of copy and matvec)")
+    print(f"memory bandwidth limit: {fmt_rate(peak['bandwidth'], 'B/s')} (the fastest of copy, matvec, vecmat)")
 
 
 def bench_peak(cfg, device, dtype):
@@ -486,10 +461,6 @@ def main(argv=None):
         if cfg[key] < 1:
             die(f"--{key}={cfg[key]} must be at least 1")
     dev = pick_device(cfg['device'])
-    try:
-        torch.empty(1, device=dev)
-    except Exception as e:
-        die(f"device {dev!r} is not usable here ({str(e).splitlines()[0]}): use --device=cpu or --device=auto")
     precision = pick_dtype(cfg['dtype'], dev)
     torch.set_num_threads(cfg['threads'] or num_cores())
     print(header(cfg, dev, precision), flush=True)

@@ -7,6 +7,7 @@ import ast
 import json
 import os
 import sys
+import time
 from contextlib import nullcontext
 
 import numpy as np
@@ -118,14 +119,19 @@ def torch_save(obj, path):
 # device and precision
 
 def pick_device(device='auto'):
+    """'auto' = cuda, else mps, else cpu. A named device must work here (clear error if not)."""
     import torch
-    if device != 'auto':
-        return device
-    if torch.cuda.is_available():
-        return 'cuda'
-    if getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available():
-        return 'mps'
-    return 'cpu'
+    if device == 'auto':
+        if torch.cuda.is_available():
+            return 'cuda'
+        if getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available():
+            return 'mps'
+        return 'cpu'
+    try:
+        torch.empty(1, device=device)
+    except Exception as e:
+        die(f"device {device!r} is not usable here ({str(e).splitlines()[0]}): use --device=cpu or --device=auto")
+    return device
 
 
 def pick_dtype(dtype, device):
@@ -147,6 +153,42 @@ def autocast(device, dtype):
         return nullcontext()
     ptdtype = {'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
     return torch.autocast(device_type=device.split(':')[0], dtype=ptdtype)
+
+
+def sync(device):
+    """Wait for queued GPU work, so wall-clock time measures it."""
+    import torch
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+    elif device.startswith('mps'):
+        torch.mps.synchronize()
+
+
+def timed(fn, device, warmup, repeats):
+    """Seconds of each of repeats calls of fn, after warmup untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def matmul_flops(device, dtype, n=0, repeats=3):
+    """(n, FLOP/s of each of repeats warmed-up n x n matmuls in dtype): the peak that MFU
+    divides by, measured rather than looked up so it fits whatever machine this is.
+    n = 0: 8192 on CUDA, 2048 elsewhere."""
+    import torch
+    n = n or (8192 if device.startswith('cuda') else 2048)
+    ptdtype = getattr(torch, dtype)
+    a = torch.randn(n, n, device=device).to(ptdtype)
+    b = torch.randn(n, n, device=device).to(ptdtype)
+    c = torch.empty(n, n, device=device, dtype=ptdtype)
+    return n, [2 * n ** 3 / t for t in timed(lambda: torch.mm(a, b, out=c), device, 2, repeats)]
 
 
 # -----------------------------------------------------------------------------

@@ -82,10 +82,6 @@ def main(argv=None):
     cfg = parse_config(config_defaults(globals()), argv)
     check_config(cfg)
     dev = pick_device(cfg['device'])
-    try:
-        torch.empty(1, device=dev)
-    except Exception as e:
-        die(f"device {dev!r} is not usable here ({str(e).splitlines()[0]}): use --device=cpu or --device=auto")
     precision = pick_dtype(cfg['dtype'], dev)
     torch.manual_seed(cfg['seed'])
 

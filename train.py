@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (autocast, clean_state_dict, config_defaults, die, load_meta, open_split,
+from common import (autocast, clean_state_dict, config_defaults, die, load_meta, matmul_flops, open_split,
                     parse_config, pick_device, pick_dtype, read_checkpoint, torch_save)
 from model import GPT, GPTConfig
 
@@ -93,6 +93,10 @@ def get_lr(it, cfg):
 
 def get_batch(data, batch_size, block_size, generator, device):
     """batch_size random windows of the token memmap: inputs x and next-token targets y."""
+    if isinstance(data, np.memmap):
+        # through a fresh mapping each time: pages read through one long-lived mapping stay in
+        # the process's RSS, which grows toward the file's size over a long run (nanoGPT #287)
+        data = np.memmap(data.filename, dtype=data.dtype, mode='r')
     ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
     windows = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64))
     x, y = windows[:, :-1], windows[:, 1:]
@@ -143,25 +147,6 @@ def estimate_loss(model, splits, cfg, ctx, device):
         out[split] = losses.mean().item()
     model.train()
     return out
-
-
-def measure_peak_flops(device, dtype):
-    """FLOP/s of a large dense matmul in the training dtype: the MFU denominator, measured
-    rather than looked up so it fits whatever machine this is (CPU, any GPU)."""
-    n = 2048 if device == 'cpu' else 8192
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-    a = torch.randn(n, n, device=device).to(ptdtype)
-    b = torch.randn(n, n, device=device).to(ptdtype)
-    sync = torch.cuda.synchronize if device.startswith('cuda') else (
-        torch.mps.synchronize if device == 'mps' else (lambda: None))
-    best = float('inf')
-    for _ in range(4):  # the first run warms up; keep the fastest
-        sync()
-        t0 = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
 
 
 def check_config(cfg):
@@ -285,7 +270,7 @@ def main(argv=None):
 
     peak = cfg['peak_flops']
     if master and peak <= 0:
-        peak = measure_peak_flops(device, dtype)
+        peak = max(matmul_flops(device, dtype)[1])
         log(f"MFU is relative to {peak / 1e12:.3f} TFLOP/s, a {dtype} matmul measured now "
             f"(set --peak_flops to use a datasheet figure)")
     log(f"{tokens_per_iter:,} tokens per step ({world_size} process(es) x {accum} micro-batches x "

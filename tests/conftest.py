@@ -14,6 +14,15 @@ os.environ.setdefault('TIKTOKEN_CACHE_DIR', str(SHARED / 'tiktoken-cache'))
 sys.path.insert(0, str(REPO))
 
 
+def error_of(fn, *args, **kwargs):
+    """The one-line message a user sees when fn stops the script."""
+    with pytest.raises(SystemExit) as e:
+        fn(*args, **kwargs)
+    msg = str(e.value.code)
+    assert msg.startswith('error: ') and '\n' not in msg, msg
+    return msg
+
+
 @pytest.fixture(scope='session')
 def stories_dir():
     if not (STORIES / 'train.txt').is_file():

@@ -7,18 +7,10 @@ import pytest
 import torch
 
 import common
+from conftest import error_of
 from model import GPT, GPTConfig
 
 DEFAULTS = {'batch_size': 32, 'learning_rate': 6e-4, 'compile': False, 'out_dir': 'out', 'top_k': None}
-
-
-def error_of(fn, *args, **kwargs):
-    """The one-line message a user sees when fn stops the script."""
-    with pytest.raises(SystemExit) as e:
-        fn(*args, **kwargs)
-    msg = str(e.value.code)
-    assert msg.startswith('error: ') and '\n' not in msg, msg
-    return msg
 
 
 def test_flags_override_defaults_with_their_types():
@@ -118,6 +110,10 @@ def test_unreadable_checkpoints_are_one_line_errors(tmp_path):
 
 def test_device_and_dtype_choice():
     assert common.pick_device('auto') == 'cpu'  # CI and this machine have no GPU
+    assert common.pick_device('cpu') == 'cpu'
+    if not torch.cuda.is_available():
+        assert 'not usable here' in error_of(common.pick_device, 'cuda')
+    assert '--device=cpu' in error_of(common.pick_device, 'nonsense')
     assert common.pick_dtype('auto', 'cpu') == 'float32'
     assert common.pick_dtype('bfloat16', 'cpu') == 'bfloat16'
     assert 'not one of' in error_of(common.pick_dtype, 'fp8', 'cpu')

@@ -11,21 +11,13 @@ import torch
 import torch.nn.functional as F
 
 import common
+from conftest import error_of
 import eval as ev
 from common import EOT_TOKEN
 from model import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(vocab_size=50257, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.1, bias=True)
-
-
-def error_of(fn, *args, **kwargs):
-    """The one-line message a user sees when fn stops the script."""
-    with pytest.raises(SystemExit) as e:
-        fn(*args, **kwargs)
-    msg = str(e.value.code)
-    assert msg.startswith('error: ') and '\n' not in msg, msg
-    return msg
 
 
 def save_tiny_ckpt(path, data_dir='data/tinystories', **overrides):

@@ -72,6 +72,27 @@ def run_a(data_dir, tmp_path_factory):
 # -----------------------------------------------------------------------------
 # pieces, in-process
 
+def rss_file_kb():
+    """Pages of mapped files counted in this process's RSS (Linux)."""
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) for line in f if line.startswith('RssFile:'))
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/status'), reason='reads /proc (Linux)')
+def test_reading_batches_does_not_grow_memory(tmp_path):
+    """A long run reads windows all over train.bin; RSS must not grow toward the file's size."""
+    import numpy as np
+    path = tmp_path / 'train.bin'
+    np.arange(32 * 2**20, dtype=np.uint32).astype(np.uint16).tofile(path)  # 64 MB
+    data = np.memmap(path, dtype=np.uint16, mode='r')
+    gen = torch.Generator().manual_seed(0)
+    before = rss_file_kb()
+    for _ in range(4000):  # 128k random windows: nearly every 4 KB page of the file
+        x, y = train.get_batch(data, 32, 128, gen, 'cpu')
+    assert torch.equal(x[:, 1:], y[:, :-1]) and ((y - x) % 65536 == 1).all()  # next-token targets
+    assert rss_file_kb() - before < 16 * 1024, "pages of train.bin pile up in RSS"
+
+
 def test_lr_schedule_warms_up_then_decays_to_min_lr():
     cfg = dict(learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, lr_decay_iters=1100, max_iters=2000, decay_lr=True)
     assert train.get_lr(0, cfg) == pytest.approx(1e-3 / 101)          # warmup starts small, not at 0
