@@ -15,7 +15,6 @@ repeats (noise only ever slows a run down), with the median beside it.
 """
 import os
 import platform
-import resource
 import statistics
 import sys
 import tempfile
@@ -24,8 +23,8 @@ from contextlib import redirect_stdout
 
 import torch
 
-from common import (autocast, config_defaults, die, matmul_flops, parse_config, pick_device, pick_dtype,
-                    save_json, sync, timed)
+from common import (autocast, config_defaults, die, matmul_flops, parse_config, peak_memory, pick_device,
+                    pick_dtype, save_json, sync, timed)
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -203,11 +202,8 @@ def bench_train(cfg, device, dtype):
             loss = step(cfg['warmup'] + r * cfg['iters'] + it)
         per_iter.append((time.perf_counter() - t0) / cfg['iters'])
         print(f"  repeat {r + 1}: {1000 * per_iter[-1]:.1f} ms/iter", file=sys.stderr)
-    if device_type == 'cuda':
-        peak_mem, mem_name = torch.cuda.max_memory_allocated(), 'peak GPU memory (max_memory_allocated)'
-    else:  # read before measure_peak allocates its buffers; includes Python + torch themselves
-        unit = 1 if sys.platform == 'darwin' else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
-        peak_mem, mem_name = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit, 'peak RSS (ru_maxrss)'
+    peak_mem = peak_memory(device)  # read before measure_peak allocates its buffers
+    mem_name = 'peak GPU memory (max_memory_allocated)' if device_type == 'cuda' else 'peak RSS (ru_maxrss)'
     del train_model, optimizer, scaler
     peak = measure_peak(device, dtype, cfg['gemm_size'], cfg['copy_mb'])
 

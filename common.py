@@ -155,6 +155,16 @@ def autocast(device, dtype):
     return torch.autocast(device_type=device.split(':')[0], dtype=ptdtype)
 
 
+def peak_memory(device):
+    """This process's peak memory so far, in bytes: the CUDA allocator's peak on a GPU, else
+    the peak RSS (Python and torch included)."""
+    import torch
+    if device.startswith('cuda'):
+        return torch.cuda.max_memory_allocated()
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024)  # KiB on Linux
+
+
 def sync(device):
     """Wait for queued GPU work, so wall-clock time measures it."""
     import torch

@@ -15,7 +15,6 @@ with 130/143; `--init_from=resume` continues the same run (same losses as if nev
 import json
 import math
 import os
-import resource
 import signal
 import sys
 import time
@@ -26,7 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (autocast, clean_state_dict, config_defaults, die, load_meta, matmul_flops, open_split,
-                    parse_config, pick_device, pick_dtype, read_checkpoint, torch_save)
+                    parse_config, peak_memory, pick_device, pick_dtype, read_checkpoint, torch_save)
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -397,9 +396,7 @@ def main(argv=None):
 
     if master and not cfg['eval_only']:
         from plot import plot_log
-        peak_mem = (torch.cuda.max_memory_allocated() / 1e9 if device_type == 'cuda' else  # ru_maxrss: KiB, bytes on macOS
-                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024) / 1e9)
-        print(f"done: {it} iters, best val loss {best_val_loss:.4f}, peak memory {peak_mem:.2f} GB"
+        print(f"done: {it} iters, best val loss {best_val_loss:.4f}, peak memory {peak_memory(device) / 1e9:.2f} GB"
               f"{' (GPU)' if device_type == 'cuda' else ' (RSS)'}; wrote {plot_log(cfg['out_dir'])}")
         if cfg['report']:
             from eval import write_report
