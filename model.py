@@ -36,6 +36,22 @@ class Dropout(nn.Dropout):
         return super().forward(x)
 
 
+# MKL's packed GEMM, in x86 builds of PyTorch: what torch.compile's frozen CPU graphs run Linear
+# layers with. Decoding multiplies a few rows by each weight, and there plain MKL GEMM re-lays
+# the weight out on every call; a copy laid out once reads up to 1.5x faster (README: benchmarks)
+MKL_PACKED_GEMM = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, '_mkl_linear')
+
+
+def linear(layer, x, packed=None):
+    """layer(x) for an nn.Linear; through MKL's packed GEMM where packed (GPT.packed_weights)
+    holds layer's weight packed for as many rows as x has (else MKL itself falls back).
+    torch.compile cannot lower the op (see GPT.compile_decoding)."""
+    if packed is None or torch.compiler.is_compiling():
+        return layer(x)
+    weight, rows = packed[layer]
+    return torch.ops.mkl._mkl_linear(x, weight, layer.weight, layer.bias, rows)
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
@@ -66,14 +82,14 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-    def forward_cached(self, x, cache, pos, last_only=False):
+    def forward_cached(self, x, cache, pos, last_only=False, packed=None):
         """Generation: write the keys/values of x's T tokens (window positions pos..pos+T-1)
         into cache, a preallocated (k, v) pair of (B, n_head, block_size, head_size), and
         attend over everything cached so far. A chunk of several tokens always starts at
-        pos 0, so the causal mask lines up; last_only keeps just the last query."""
+        pos 0, so the causal mask lines up; last_only keeps just the last query. packed: see linear."""
         B, T, C = x.size()
         k_cache, v_cache = cache
-        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k, v = linear(self.c_attn, x, packed).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         k_cache[:, :, pos:pos + T] = k
         v_cache[:, :, pos:pos + T] = v
         if last_only:
@@ -82,7 +98,7 @@ class CausalSelfAttention(nn.Module):
                                            is_causal=q.size(2) > 1,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, q.size(2), C)
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(linear(self.c_proj, y, packed))
 
 
 class GeluLinear(torch.autograd.Function):
@@ -116,10 +132,10 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = Dropout(config.dropout)
 
-    def forward(self, x):
-        h = self.c_fc(x)
+    def forward(self, x, packed=None):
+        h = linear(self.c_fc, x, packed)
         if not torch.is_grad_enabled():  # generation, evaluation: nothing kept for backward anyway
-            return self.dropout(self.c_proj(F.gelu(h)))
+            return self.dropout(linear(self.c_proj, F.gelu(h), packed))
         return self.dropout(GeluLinear.apply(h, self.c_proj.weight, self.c_proj.bias))
 
 
@@ -137,11 +153,11 @@ class Block(nn.Module):
         x = x + self.mlp(self.ln_2(x))
         return x
 
-    def forward_cached(self, x, cache, pos, last_only=False):
+    def forward_cached(self, x, cache, pos, last_only=False, packed=None):
         """forward() for generation with a kv cache (see CausalSelfAttention.forward_cached)."""
-        a = self.attn.forward_cached(self.ln_1(x), cache, pos, last_only)
+        a = self.attn.forward_cached(self.ln_1(x), cache, pos, last_only, packed)
         x = (x[:, -1:] if last_only else x) + a
-        return x + self.mlp(self.ln_2(x))
+        return x + self.mlp(self.ln_2(x), packed)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -301,36 +317,45 @@ class GPT(nn.Module):
         return [(torch.empty(shape, dtype=dtype, device=weight.device),
                  torch.empty(shape, dtype=dtype, device=weight.device)) for _ in range(cfg.n_layer)]
 
-    def forward_cached(self, idx, cache, pos, head_t=None):
+    def forward_cached(self, idx, cache, pos, packed=None):
         """Logits (B, vocab_size) of the token that follows idx (B, T), whose tokens sit at
         window positions pos..pos+T-1; their keys and values go into cache (new_kv_cache).
         Only the last position goes past the last block's attention and into lm_head.
-        head_t: head_transposed(), for batch 1 (see below)."""
+        packed: packed_weights(B) (used by the one-token steps, the B-row matmuls)."""
         T = idx.size(1)
         assert T == 1 or pos == 0, "a chunk of several tokens fills the cache from position 0"
         assert pos + T <= self.config.block_size
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe.weight[pos:pos + T])
         last = len(self.transformer.h) - 1
         for i, block in enumerate(self.transformer.h):
-            x = block.forward_cached(x, cache[i], pos, last_only=(i == last))
-        x = self.transformer.ln_f(x[:, -1])
-        # The 50257 x n_embd head is most of the weights read per token, and CPU BLAS speed
-        # depends on the layout: one row streams the transposed copy (a row-major vector x
-        # matrix) ~1.6x faster than F.linear's matrix x vector; a few rows run faster as
-        # W @ x.T than F.linear, which first copies all of the transposed weight (MKL)
-        if head_t is not None and x.size(0) == 1:
-            return x @ head_t
-        return (self.lm_head.weight @ x.t()).t().contiguous()  # contiguous: topk is 2x slower on a strided view
+            x = block.forward_cached(x, cache[i], pos, last_only=(i == last), packed=packed)
+        return linear(self.lm_head, self.transformer.ln_f(x[:, -1]), packed)
 
-    def head_transposed(self):
-        """lm_head.weight.t().contiguous() for forward_cached at batch 1. The copy takes ~90 ms
-        on a CPU (a strided 77 MB transpose), so it is kept between generate calls until the
-        weight changes (an optimizer step or load_state_dict bumps its version)."""
-        w = self.lm_head.weight
-        key = (w.data_ptr(), w._version, w.device, w.dtype)
-        if getattr(self, '_head_t_key', None) != key:
-            self._head_t, self._head_t_key = w.detach().t().contiguous(), key
-        return self._head_t
+    def packed_weights(self, batch_size):
+        """{layer: (weight packed by MKL for batch_size rows, batch_size)} for every Linear of
+        the blocks and lm_head, for linear() at decoding steps; None where MKL's packed GEMM
+        does not apply (no MKL, not a CPU, not float32, CPU autocast on). The copies are
+        another 120 MB at the seed config and take ~50 ms to make, so they are kept between
+        generate calls until a weight changes (an optimizer step or load_state_dict bumps
+        its version)."""
+        weight = self.lm_head.weight
+        if not (MKL_PACKED_GEMM and weight.device.type == 'cpu' and weight.dtype == torch.float32
+                and not torch.is_autocast_enabled('cpu')):
+            return None
+        layers = [m for m in self.transformer.h.modules() if isinstance(m, nn.Linear)] + [self.lm_head]
+        key = (batch_size, [(m.weight.data_ptr(), m.weight._version) for m in layers])
+        if getattr(self, '_packed_key', None) != key:
+            self._packed = None  # free the old copies first
+            self._packed = {m: (torch.ops.mkl._mkl_reorder_linear_weight(m.weight.detach(), batch_size), batch_size)
+                            for m in layers}
+            self._packed_key = key
+        return self._packed
+
+    def compile_decoding(self):
+        """torch.compile the step generate runs per token (PyTorch 2; the first call is slow).
+        Compiled code plans its own matmuls, so MKL packing (packed_weights) is off from then on."""
+        self.forward_cached = torch.compile(self.forward_cached, dynamic=True)
+        self.packed_weights = lambda batch_size: None
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eot_token=None,
@@ -374,7 +399,7 @@ class GPT(nn.Module):
         n = T  # tokens so far
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
         cache = self.new_kv_cache(B) if use_kv_cache else None
-        head_t = self.head_transposed() if use_kv_cache and B == 1 else None
+        packed = self.packed_weights(B) if use_kv_cache else None
         pos = 0  # tokens held in the cache
         for _ in range(max_new_tokens):
             if not use_kv_cache:
@@ -382,10 +407,10 @@ class GPT(nn.Module):
             elif pos == 0 or pos == block_size:  # run the prompt, or the window is full
                 keep = block_size // 2 if fast_window and pos == block_size else block_size
                 context = tokens[:, max(0, n - keep):n]
-                logits = self.forward_cached(context, cache, 0, head_t)
+                logits = self.forward_cached(context, cache, 0, packed)
                 pos = context.size(1)
             else:  # one new token at the next free position
-                logits = self.forward_cached(tokens[:, n - 1:n], cache, pos, head_t)
+                logits = self.forward_cached(tokens[:, n - 1:n], cache, pos, packed)
                 pos += 1
             next_token = sample_logits(logits, temperature, top_k, top_p)
             if eot_token is not None:

@@ -88,7 +88,7 @@ def main(argv=None):
     model, _ = load_model(cfg['ckpt'] or os.path.join(cfg['out_dir'], 'best_model_params.pt'), dev)
     model.eval()
     if cfg['compile']:
-        model.forward_cached = torch.compile(model.forward_cached, dynamic=True)  # generate's per-token step
+        model.compile_decoding()
     enc = get_tokenizer()
     block_size = model.config.block_size
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from common import clean_state_dict, load_model, torch_save
-from model import GPT, GPTConfig, sample_logits
+from model import MKL_PACKED_GEMM, GPT, GPTConfig, sample_logits
 
 TINY = dict(vocab_size=101, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
 
@@ -80,19 +80,37 @@ def test_cached_logits_match_the_full_forward_token_by_token():
             logits = model.forward_cached(idx[:, t:t + 1], cache, t)
 
 
-def test_batch_1_generation_follows_weight_updates():
-    """Batch 1 decodes with a transposed copy of lm_head kept between calls: after the weights
+@pytest.mark.parametrize('batch', [1, 3])
+def test_generation_follows_weight_updates(batch):
+    """Decoding may use weights packed for MKL and kept between calls: after the weights
     change (as an optimizer step or load_state_dict changes them), it must use the new ones."""
     model = tiny_model()
-    idx = prompts(1, 4)
+    idx = prompts(batch, 4)
     before = model.generate(idx, 12, temperature=0)
     with torch.no_grad():
         model.lm_head.weight.mul_(-1.0)  # tied: the embedding changes too
+        model.transformer.h[0].mlp.c_fc.weight.mul_(0.5)
     after = model.generate(idx, 12, temperature=0)
     assert not torch.equal(before, after)
     assert torch.equal(after, model.generate(idx, 12, temperature=0, use_kv_cache=False))
-    logits = model.forward_cached(idx, model.new_kv_cache(1), 0, model.head_transposed())
-    assert torch.allclose(logits, model(idx)[0][:, -1], atol=1e-4, rtol=0)
+
+
+@pytest.mark.skipif(not MKL_PACKED_GEMM, reason="this PyTorch build has no MKL packed GEMM")
+@pytest.mark.parametrize('batch', [1, 8])
+def test_packed_decoding_steps_match_plain_linear(batch):
+    model = tiny_model()
+    packed = model.packed_weights(batch)
+    assert packed is not None and len(packed) == 4 * model.config.n_layer + 1
+    idx = prompts(batch, 6)
+    with torch.no_grad():
+        cache_plain, cache_packed = model.new_kv_cache(batch), model.new_kv_cache(batch)
+        model.forward_cached(idx[:, :5], cache_plain, 0)
+        model.forward_cached(idx[:, :5], cache_packed, 0)
+        plain = model.forward_cached(idx[:, 5:], cache_plain, 5)
+        fast = model.forward_cached(idx[:, 5:], cache_packed, 5, packed)
+    assert torch.allclose(fast, plain, atol=1e-4, rtol=0)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert model.packed_weights(batch) is None  # bf16 activations: plain F.linear
 
 
 @pytest.mark.parametrize('prompt_len, new', [(3, 10), (5, 40), (16, 20), (30, 25)])
