@@ -25,7 +25,7 @@ import torch
 
 from common import (autocast, config_defaults, die, matmul_flops, parse_config, peak_memory, pick_device,
                     pick_dtype, save_json, sync, timed)
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, linear
 
 # -----------------------------------------------------------------------------
 what = 'peak'           # peak | train | sample | prepare
@@ -279,6 +279,8 @@ def weight_bytes_per_step(model):
 
 def time_generation(model, prompt, n, mode, cfg, device, dtype):
     """(seconds to the first token, seconds for all n) of one generate_stream run."""
+    if mode != 'no cache':
+        model.packed_weights(prompt.size(0))  # made once per batch size in sample.py: not timed
     sync(device)
     t0 = time.perf_counter()
     first = None
@@ -290,6 +292,16 @@ def time_generation(model, prompt, n, mode, cfg, device, dtype):
                 first = time.perf_counter() - t0
     sync(device)
     return first, time.perf_counter() - t0
+
+
+def decode_matmul_seconds(model, batch, device, dtype):
+    """Seconds of one decoding step's matmuls alone (every Linear of the blocks and lm_head,
+    as forward_cached runs them at this batch size): the step if nothing else took time."""
+    layers = [m for m in model.transformer.h.modules() if isinstance(m, torch.nn.Linear)] + [model.lm_head]
+    inputs = [torch.randn(batch, 1, m.in_features, device=device) for m in layers]
+    with torch.no_grad(), autocast(device, dtype):
+        packed = model.packed_weights(batch)
+        return min(timed(lambda: [linear(m, x, packed) for m, x in zip(layers, inputs)], device, 3, 20))
 
 
 def int_list(cfg, key):
@@ -311,29 +323,34 @@ def bench_sample(cfg, device, dtype):
     model = make_model(cfg, device)
     model.eval()
     if cfg['compile']:
-        model.forward_cached = torch.compile(model.forward_cached, dynamic=True)  # as sample.py
+        model.compile_decoding()
     modes = ['kv', 'fast'] + (['no cache'] if cfg['nocache'] else [])
     gen = torch.Generator().manual_seed(cfg['seed'])
-    results = []
-    for B in batches:
-        prompt = torch.randint(cfg['vocab_size'], (B, T0), generator=gen).to(device)
-        # warm up every code path at this batch size (allocations; with compile, every shape)
+    prompts = {B: torch.randint(cfg['vocab_size'], (B, T0), generator=gen).to(device) for B in batches}
+    # inside the window fast and exact are the same code
+    cases = [(B, n, mode) for B in batches for n in lengths for mode in modes
+             if not (mode == 'fast' and T0 + n <= cfg['block_size'])]
+    for B in batches:  # warm up every code path at each batch size (allocations; with compile, every shape)
         warm = min(max(lengths), cfg['block_size'] - T0 + 2 if cfg['compile'] else 8)
         for mode in modes:
-            time_generation(model, prompt, warm, mode, cfg, device, dtype)
-        for n in lengths:
-            for mode in modes:
-                if mode == 'fast' and T0 + n <= cfg['block_size']:
-                    continue  # inside the window fast and exact are the same code
-                times = []
-                while len(times) < cfg['repeats'] and sum(t[1] for t in times) < 5:  # long runs: fewer repeats
-                    times.append(time_generation(model, prompt, n, mode, cfg, device, dtype))
-                first, total = min(times, key=lambda t: t[1])
-                r = {'batch': B, 'new_tokens': n, 'mode': mode, 'tokens_per_s': B * n / total,
-                     'tokens_per_s_median': B * n / statistics.median(t[1] for t in times),
-                     'first_token_ms': 1000 * first, 'runs': len(times)}
-                results.append(r)
-                print(f"  batch {B}, {n} new tokens, {mode}: {r['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+            time_generation(model, prompts[B], warm, mode, cfg, device, dtype)
+    # rounds over all the rows, so that the machine speeding up or slowing down (a VM's
+    # neighbours) hits every row alike: the targets are ratios of rows. Rows whose runs
+    # took 5 s in all stop early (long runs: fewer repeats)
+    times = {case: [] for case in cases}
+    for _ in range(cfg['repeats']):
+        for B, n, mode in cases:
+            if sum(t[1] for t in times[B, n, mode]) < 5:
+                times[B, n, mode].append(time_generation(model, prompts[B], n, mode, cfg, device, dtype))
+                print(f"  batch {B}, {n} new tokens, {mode}: {B * n / times[B, n, mode][-1][1]:.1f} tokens/s",
+                      file=sys.stderr)
+    results = []
+    for (B, n, mode), ts in times.items():
+        first, total = min(ts, key=lambda t: t[1])
+        results.append({'batch': B, 'new_tokens': n, 'mode': mode, 'tokens_per_s': B * n / total,
+                        'tokens_per_s_median': B * n / statistics.median(t[1] for t in ts),
+                        'first_token_ms': 1000 * first, 'runs': len(ts)})
+    matmuls = {B: decode_matmul_seconds(model, B, device, dtype) for B in batches}
     # the limits: peak measured before and after the rows, the better of the two (less noise)
     peak_after = measure_peak(device, dtype, cfg['gemm_size'], cfg['copy_mb'])
     peak = {k: max(v, peak_after[k]) for k, v in peak_before.items()}
@@ -341,11 +358,12 @@ def bench_sample(cfg, device, dtype):
         steps = step_tokens(T0, r['new_tokens'], cfg['block_size'], r['mode'])
         r['limit_tokens_per_s'] = r['batch'] * r['new_tokens'] / generation_limit(model, r['batch'], steps, peak)
     wb = weight_bytes_per_step(model)
-    ratios = print_sample(results, cfg, peak, wb)
-    return {'peak': peak, 'sample': results, 'ratios': ratios, 'weight_bytes_per_step': wb}
+    ratios = print_sample(results, cfg, peak, wb, matmuls)
+    return {'peak': peak, 'sample': results, 'ratios': ratios, 'weight_bytes_per_step': wb,
+            'matmul_seconds_per_step': matmuls}
 
 
-def print_sample(results, cfg, peak, wb):
+def print_sample(results, cfg, peak, wb, matmuls):
     """The table of sample rows, then the ratios the targets are stated in (from this one run)."""
     T0, batches, lengths = cfg['prompt_tokens'], int_list(cfg, 'batches'), int_list(cfg, 'new_tokens')
     exact = 'kv (exact)'
@@ -361,6 +379,9 @@ def print_sample(results, cfg, peak, wb):
     print(f"limit = per step the slower of reading the weights ({wb / 1e6:.1f} MB at "
           f"{fmt_rate(peak['bandwidth'], 'B/s')}: {peak['bandwidth'] / wb:.1f} steps/s) and their matmul FLOPs "
           f"at {fmt_rate(peak['matmul_flops'], 'FLOP/s')}")
+    for B, seconds in matmuls.items():
+        print(f"batch {B}: a step's matmuls alone take {1000 * seconds:.2f} ms "
+              f"({wb / peak['bandwidth'] / seconds:.0%} of the weight-read limit)")
     row = {(r['batch'], r['new_tokens'], r['mode']): r for r in results}
     ratios = {}
     tps = lambda *key: row[key]['tokens_per_s']

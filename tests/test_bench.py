@@ -41,7 +41,7 @@ def test_peak_measures_flops_and_bandwidth(tmp_path):
     peak = res['peak']
     assert peak['gemm_size'] == 128 and peak['buffer_bytes'] == 4 * 2**20
     assert 1e6 < peak['matmul_flops'] < 1e15 and peak['matmul_flops'] >= peak['matmul_flops_median']
-    assert peak['bandwidth'] == max(peak['copy_bandwidth'], peak['matvec_bandwidth']) > 1e6
+    assert peak['bandwidth'] == max(peak['copy_bandwidth'], peak['matvec_bandwidth'], peak['vecmat_bandwidth']) > 1e6
 
 
 def test_sample_times_every_mode_against_its_limit(tmp_path):
@@ -57,6 +57,8 @@ def test_sample_times_every_mode_against_its_limit(tmp_path):
     assert set(res['ratios']) == {'batch1_of_weight_read_limit', 'kv_vs_nocache_6', 'kv_vs_nocache_20',
                                   'batch2_vs_batch1_6'}
     assert 'of the weight-read limit' in r.stdout and 'kv (exact)' in r.stdout
+    assert set(res['matmul_seconds_per_step']) == {'1', '2'}  # the matmuls alone, per batch size
+    assert all(s > 0 for s in res['matmul_seconds_per_step'].values()) and "matmuls alone" in r.stdout
     n_weights = sum(p.numel() for p in GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16),
                                           verbose=False).parameters())
     assert res['weight_bytes_per_step'] == 4 * (n_weights - 16 * 32)  # fp32, all but the position table
