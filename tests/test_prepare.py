@@ -292,6 +292,41 @@ def test_unreachable_hub_fails_fast_naming_the_offline_routes(tmp_path):
     assert not (tmp_path / 'data').exists()
 
 
+def cache_like_an_online_run(stories_dir, tmp_path, hf_home):
+    """What datasets leaves in HF_HOME after loading roneneldan/TinyStories from the hub once
+    (Arrow files under datasets/roneneldan___tiny_stories/default/<version>/<hash>/), made
+    here from the sample stories with the json builder the hub files are read with."""
+    from datasets.data_files import DataFilesDict
+    from datasets.packaged_modules.json.json import Json
+    files = {}
+    for split, name in (('train', 'train.txt'), ('validation', 'validation.txt')):
+        files[split] = [str(tmp_path / f'{split}.jsonl')]
+        rows = [json.dumps({'text': s}) for s in stripped_stories(stories_dir / name)]
+        (tmp_path / f'{split}.jsonl').write_text('\n'.join(rows) + '\n')
+    builder = Json(cache_dir=str(tmp_path / 'scratch'), dataset_name='tiny_stories', config_name='default',
+                   data_files=DataFilesDict.from_patterns(files), hash='0123abcd')
+    builder.download_and_prepare()
+    target = hf_home / 'datasets' / 'roneneldan___tiny_stories' / 'default' / '0.0.0'
+    target.mkdir(parents=True)
+    os.rename(builder.cache_dir, target / '0123abcd')
+
+
+def test_offline_prepare_uses_the_hugging_face_cache_of_an_earlier_run(stories_dir, tmp_path, prepared):
+    # the exact user command, `python prepare.py`, with the hub unreachable: served from the cache
+    env = offline_env(tmp_path)
+    cache_like_an_online_run(stories_dir, tmp_path, tmp_path / 'hf-home')
+    sock, port = closed_port()
+    with sock:
+        env['HF_ENDPOINT'] = f'http://127.0.0.1:{port}'
+        t0 = time.time()
+        result = run_prepare(f'--out_dir={tmp_path}/data', env=env)
+    assert result.returncode == 0, result.stderr
+    assert time.time() - t0 < 30  # straight to the cache, not after datasets' ~50 s of retries
+    meta = json.loads((tmp_path / 'data' / 'meta.json').read_text())
+    reference = json.loads((prepared[0] / 'meta.json').read_text())
+    assert meta['splits'] == reference['splits']  # same tokens, stories, bytes and sha256
+
+
 def test_hub_probe(monkeypatch):
     def refuse(*args, **kwargs):
         raise ConnectionRefusedError
