@@ -341,6 +341,7 @@ class GPT(nn.Module):
         weight = self.lm_head.weight
         if not (MKL_PACKED_GEMM and weight.device.type == 'cpu' and weight.dtype == torch.float32
                 and not torch.is_autocast_enabled('cpu')):
+            self._packed = self._packed_key = None  # e.g. moved to a GPU: free the CPU copies
             return None
         layers = [m for m in self.transformer.h.modules() if isinstance(m, nn.Linear)] + [self.lm_head]
         key = (batch_size, [(m.weight.data_ptr(), m.weight._version) for m in layers])

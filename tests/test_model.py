@@ -113,6 +113,16 @@ def test_packed_decoding_steps_match_plain_linear(batch):
         assert model.packed_weights(batch) is None  # bf16 activations: plain F.linear
 
 
+def test_compiled_decoding_gives_the_eager_tokens():
+    # torch.compile cannot lower MKL's packed GEMM: compile_decoding must take the plain path
+    model = tiny_model()
+    idx = prompts(2, 5)
+    eager = model.generate(idx, 8, temperature=0)
+    model.compile_decoding()
+    assert model.packed_weights(2) is None
+    assert torch.equal(model.generate(idx, 8, temperature=0), eager)
+
+
 @pytest.mark.parametrize('prompt_len, new', [(3, 10), (5, 40), (16, 20), (30, 25)])
 def test_kv_cache_greedy_equals_no_cache_reference(prompt_len, new):
     # block_size is 16: (5, 40) and (16, 20) run far past it, (30, 25) starts past it
