@@ -85,24 +85,6 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-    def forward_cached(self, x, cache, pos, last_only=False, packed=None):
-        """Generation: write the keys/values of x's T tokens (window positions pos..pos+T-1)
-        into cache, a preallocated (k, v) pair of (B, n_head, block_size, head_size), and
-        attend over everything cached so far. A chunk of several tokens always starts at
-        pos 0, so the causal mask lines up; last_only keeps just the last query. packed: see linear."""
-        B, T, C = x.size()
-        k_cache, v_cache = cache
-        q, k, v = linear(self.c_attn, x, packed).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        k_cache[:, :, pos:pos + T] = k
-        v_cache[:, :, pos:pos + T] = v
-        if last_only:
-            q = q[:, :, -1:]
-        y = F.scaled_dot_product_attention(q, k_cache[:, :, :pos + T], v_cache[:, :, :pos + T],
-                                           is_causal=q.size(2) > 1,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(B, q.size(2), C)
-        return self.resid_dropout(linear(self.c_proj, y, packed))
-
 
 class GeluLinear(torch.autograd.Function):
     """F.linear(gelu(h), weight, bias), keeping only h for backward and recomputing gelu(h)
@@ -135,10 +117,10 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = Dropout(config.dropout)
 
-    def forward(self, x, packed=None):
-        h = linear(self.c_fc, x, packed)
-        if not torch.is_grad_enabled():  # generation, evaluation: nothing kept for backward anyway
-            return self.dropout(linear(self.c_proj, F.gelu(h), packed))
+    def forward(self, x):
+        h = self.c_fc(x)
+        if not torch.is_grad_enabled():  # evaluation: nothing kept for backward anyway
+            return self.dropout(self.c_proj(F.gelu(h)))
         return self.dropout(GeluLinear.apply(h, self.c_proj.weight, self.c_proj.bias))
 
 
@@ -155,12 +137,6 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x))
         x = x + self.mlp(self.ln_2(x))
         return x
-
-    def forward_cached(self, x, cache, pos, last_only=False, packed=None):
-        """forward() for generation with a kv cache (see CausalSelfAttention.forward_cached)."""
-        a = self.attn.forward_cached(self.ln_1(x), cache, pos, last_only, packed)
-        x = (x[:, -1:] if last_only else x) + a
-        return x + self.mlp(self.ln_2(x), packed)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -322,16 +298,29 @@ class GPT(nn.Module):
 
     def forward_cached(self, idx, cache, pos, packed=None):
         """Logits (B, vocab_size) of the token that follows idx (B, T), whose tokens sit at
-        window positions pos..pos+T-1; their keys and values go into cache (new_kv_cache).
-        Only the last position goes past the last block's attention and into lm_head.
-        packed: packed_weights(B) (used by the one-token steps, the B-row matmuls)."""
-        T = idx.size(1)
+        window positions pos..pos+T-1: forward() for generation. Their keys and values go into
+        cache (new_kv_cache) and each token attends over everything cached so far; a chunk of
+        several tokens starts at pos 0, so the causal mask lines up. Only the last position
+        goes past the last block's attention and into lm_head. packed: packed_weights(B), for
+        the B-row matmuls of the one-token steps. Inference only: no dropout."""
+        B, T = idx.shape
+        C, H = self.config.n_embd, self.config.n_head
         assert T == 1 or pos == 0, "a chunk of several tokens fills the cache from position 0"
         assert pos + T <= self.config.block_size
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe.weight[pos:pos + T])
+        x = self.transformer.wte(idx) + self.transformer.wpe.weight[pos:pos + T]
         last = len(self.transformer.h) - 1
-        for i, block in enumerate(self.transformer.h):
-            x = block.forward_cached(x, cache[i], pos, last_only=(i == last), packed=packed)
+        for i, (block, (k_cache, v_cache)) in enumerate(zip(self.transformer.h, cache)):
+            attn, mlp = block.attn, block.mlp
+            qkv = linear(attn.c_attn, block.ln_1(x), packed)
+            q, k, v = qkv.view(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)  # each (B, H, T, C // H)
+            k_cache[:, :, pos:pos + T] = k
+            v_cache[:, :, pos:pos + T] = v
+            if i == last:  # nothing after this block looks at the other positions
+                q, x = q[:, :, -1:], x[:, -1:]
+            y = F.scaled_dot_product_attention(q, k_cache[:, :, :pos + T], v_cache[:, :, :pos + T],
+                                               is_causal=q.size(2) > 1)
+            x = x + linear(attn.c_proj, y.transpose(1, 2).reshape(B, q.size(2), C), packed)
+            x = x + linear(mlp.c_proj, F.gelu(linear(mlp.c_fc, block.ln_2(x), packed)), packed)
         return linear(self.lm_head, self.transformer.ln_f(x[:, -1]), packed)
 
     def packed_weights(self, batch_size):
