@@ -47,11 +47,12 @@ MKL_PACKED_GEMM = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, '
 
 def linear(layer, x, packed=None):
     """layer(x) for an nn.Linear; through MKL's packed GEMM where packed (GPT.packed_weights)
-    holds layer's weight packed for as many rows as x has (else MKL itself falls back).
-    torch.compile cannot lower the op (see GPT.compile_decoding)."""
-    if packed is None or torch.compiler.is_compiling():
+    holds layer's weight packed for as many rows as x has. torch.compile cannot lower the op
+    (see GPT.compile_decoding)."""
+    rows = x.numel() // x.size(-1)
+    weight = None if packed is None else packed.get((layer, rows))
+    if weight is None or torch.compiler.is_compiling():
         return layer(x)
-    weight, rows = packed[layer]
     return torch.ops.mkl._mkl_linear(x, weight, layer.weight, layer.bias, rows)
 
 
@@ -324,23 +325,27 @@ class GPT(nn.Module):
         return linear(self.lm_head, self.transformer.ln_f(x[:, -1]), packed)
 
     def packed_weights(self, batch_size):
-        """{layer: (weight packed by MKL for batch_size rows, batch_size)} for every Linear of
-        the blocks and lm_head, for linear() at decoding steps; None where MKL's packed GEMM
-        does not apply (no MKL, not a CPU, not float32, CPU autocast on). The copies are
-        another 120 MB at the seed config and take ~50 ms to make, so they are kept between
-        generate calls until a weight changes (an optimizer step or load_state_dict bumps
-        its version)."""
+        """{(layer, rows): layer's weight packed by MKL for matmuls of that many rows}, for
+        linear() in forward_cached: every Linear and lm_head for the one-token steps
+        (batch_size rows), and the blocks' Linears for the window the exact mode re-runs every
+        step past block_size (batch_size * block_size rows; 1.15x faster re-runs). None where
+        MKL's packed GEMM does not apply (no MKL, not a CPU, not float32, CPU autocast on).
+        The copies take ~180 MB of memory at the seed config and ~0.1 s to make, so they are
+        kept between generate calls until a weight changes (an optimizer step or
+        load_state_dict bumps its version)."""
         weight = self.lm_head.weight
         if not (MKL_PACKED_GEMM and weight.device.type == 'cpu' and weight.dtype == torch.float32
                 and not torch.is_autocast_enabled('cpu')):
             self._packed = self._packed_key = None  # e.g. moved to a GPU: free the CPU copies
             return None
-        layers = [m for m in self.transformer.h.modules() if isinstance(m, nn.Linear)] + [self.lm_head]
-        key = (batch_size, [(m.weight.data_ptr(), m.weight._version) for m in layers])
+        blocks = [m for m in self.transformer.h.modules() if isinstance(m, nn.Linear)]
+        wanted = [(m, batch_size) for m in blocks + [self.lm_head]]
+        wanted += [(m, batch_size * self.config.block_size) for m in blocks]
+        key = (batch_size, [(m.weight.data_ptr(), m.weight._version) for m, _ in wanted])
         if getattr(self, '_packed_key', None) != key:
             self._packed = None  # free the old copies first
-            self._packed = {m: (torch.ops.mkl._mkl_reorder_linear_weight(m.weight.detach(), batch_size), batch_size)
-                            for m in layers}
+            self._packed = {(m, rows): torch.ops.mkl._mkl_reorder_linear_weight(m.weight.detach(), rows)
+                            for m, rows in wanted}
             self._packed_key = key
         return self._packed
 
