@@ -208,13 +208,26 @@ OFFLINE_HELP = ("offline? set TIKTOKEN_CACHE_DIR to a folder holding the GPT-2 B
                 "(e.g. TIKTOKEN_CACHE_DIR=../shared/tiktoken-cache), or run once with internet")
 
 
-def get_tokenizer():
-    """tiktoken's GPT-2 BPE; a clear one-line error when its files cannot be fetched."""
+def get_tokenizer(timeout=120):
+    """tiktoken's GPT-2 BPE; a clear one-line error when its files cannot be fetched. The first
+    call downloads them (~1.5 MB) with requests and no timeout, which a network that drops
+    packets would hang forever: so it loads in a thread and gives up after timeout seconds."""
+    import threading
     import tiktoken
-    try:
-        return tiktoken.get_encoding('gpt2')
-    except Exception as e:
-        die(f"could not load the GPT-2 tokenizer ({type(e).__name__}); {OFFLINE_HELP}")
+    result = {}
+
+    def load():
+        try:
+            result['enc'] = tiktoken.get_encoding('gpt2')
+        except Exception as e:
+            result['error'] = type(e).__name__
+    loader = threading.Thread(target=load, daemon=True)  # daemon: a hung download ends with the process
+    loader.start()
+    loader.join(timeout)
+    if 'enc' not in result:
+        die(f"could not load the GPT-2 tokenizer ({result.get('error', f'no answer in {timeout} s')}); "
+            f"{OFFLINE_HELP}")
+    return result['enc']
 
 
 # -----------------------------------------------------------------------------

@@ -117,3 +117,25 @@ def test_device_and_dtype_choice():
     assert common.pick_dtype('auto', 'cpu') == 'float32'
     assert common.pick_dtype('bfloat16', 'cpu') == 'bfloat16'
     assert 'not one of' in error_of(common.pick_dtype, 'fp8', 'cpu')
+
+
+def test_a_tokenizer_download_that_never_answers_fails_in_one_line(tmp_path):
+    # a "proxy" that accepts connections and never answers: the BPE download would hang forever
+    import socket
+    import subprocess
+    import sys
+    import time
+    silent = socket.socket()
+    silent.bind(('127.0.0.1', 0))
+    silent.listen()
+    port = silent.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if 'proxy' not in k.lower()}
+    env.update(TIKTOKEN_CACHE_DIR=str(tmp_path / 'empty-cache'), HTTPS_PROXY=f'http://127.0.0.1:{port}',
+               HTTP_PROXY=f'http://127.0.0.1:{port}')
+    t0 = time.time()
+    with silent:
+        r = subprocess.run([sys.executable, '-c', 'import common; common.get_tokenizer(timeout=2)'],
+                           cwd=os.path.dirname(common.__file__), capture_output=True, text=True, env=env, timeout=60)
+    assert time.time() - t0 < 30
+    assert r.returncode == 1 and r.stderr.startswith('error:') and len(r.stderr.strip().splitlines()) == 1
+    assert 'no answer in 2 s' in r.stderr and 'TIKTOKEN_CACHE_DIR' in r.stderr
