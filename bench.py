@@ -279,12 +279,12 @@ def weight_bytes_per_step(model):
 
 def time_generation(model, prompt, n, mode, cfg, device, dtype):
     """(seconds to the first token, seconds for all n) of one generate_stream run."""
-    if mode != 'no cache':
-        model.packed_weights(prompt.size(0))  # made once per batch size in sample.py: not timed
-    sync(device)
-    t0 = time.perf_counter()
-    first = None
-    with autocast(device, dtype):
+    with autocast(device, dtype):  # packed_weights depends on autocast, as generate_stream calls it
+        if mode != 'no cache':
+            model.packed_weights(prompt.size(0))  # made once per batch size in sample.py: not timed
+        sync(device)
+        t0 = time.perf_counter()
+        first = None
         for i, _ in enumerate(model.generate_stream(prompt, n, cfg['temperature'], cfg['top_k'],
                                                     use_kv_cache=mode != 'no cache', fast_window=mode == 'fast')):
             if i == 0:

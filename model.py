@@ -339,10 +339,10 @@ class GPT(nn.Module):
             self._packed = self._packed_key = None  # e.g. moved to a GPU: free the CPU copies
             return None
         blocks = [m for m in self.transformer.h.modules() if isinstance(m, nn.Linear)]
-        wanted = [(m, batch_size) for m in blocks + [self.lm_head]]
-        wanted += [(m, batch_size * self.config.block_size) for m in blocks]
-        key = (batch_size, [(m.weight.data_ptr(), m.weight._version) for m, _ in wanted])
+        key = (batch_size, [(m.weight.data_ptr(), m.weight._version) for m in blocks + [self.lm_head]])
         if getattr(self, '_packed_key', None) != key:
+            wanted = [(m, batch_size) for m in blocks + [self.lm_head]]
+            wanted += [(m, batch_size * self.config.block_size) for m in blocks]
             self._packed = None  # free the old copies first
             self._packed = {(m, rows): torch.ops.mkl._mkl_reorder_linear_weight(m.weight.detach(), rows)
                             for m, rows in wanted}
