@@ -24,12 +24,15 @@ def die(msg):
 # config: module-level defaults <- python config files <- --key=value flags
 
 def config_defaults(namespace):
-    """The config keys of a script: its module-level plain values, nanoGPT style."""
-    return {k: v for k, v in namespace.items()
-            if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
+    """The config keys of a script: its module-level plain values, nanoGPT style
+    (UPPER_CASE constants are not options)."""
+    return {k: v for k, v in namespace.items() if not k.startswith('_') and not k.isupper()
+            and isinstance(v, (int, float, bool, str, type(None)))}
 
 
-def _check_type(key, value, default, source):
+def _check_type(key, value, default, source, nullable):
+    if value is None and default is not None and key not in nullable:
+        die(f"{source}: {key} cannot be None: pass a {type(default).__name__} like the default {default!r}")
     if default is None or value is None or type(value) is type(default):
         return value
     if isinstance(default, float) and type(value) is int:
@@ -38,10 +41,11 @@ def _check_type(key, value, default, source):
         f"got {type(value).__name__} {value!r}")
 
 
-def parse_config(defaults, argv=None):
+def parse_config(defaults, argv=None, nullable=()):
     """Apply config files (positional args) then --key=value flags to a copy of defaults.
 
-    Unknown keys and wrong types stop with a message listing the valid keys.
+    Unknown keys and wrong types stop with a message listing the valid keys; None is a value
+    only for the keys in nullable (and those whose default is None).
     A config file is plain Python whose top-level assignments set config keys.
     """
     argv = sys.argv[1:] if argv is None else argv
@@ -65,7 +69,7 @@ def parse_config(defaults, argv=None):
             for key, value in config_defaults(file_ns).items():
                 if key not in defaults:
                     die(f"config file {arg} sets unknown key {key!r}; valid keys: {valid}")
-                config[key] = _check_type(key, value, defaults[key], arg)
+                config[key] = _check_type(key, value, defaults[key], arg, nullable)
             continue
         key, eq, raw = arg[2:].partition('=')
         if key not in defaults:
@@ -80,7 +84,10 @@ def parse_config(defaults, argv=None):
             value = raw  # a bare word is a string: --device=cuda
         if isinstance(defaults[key], str) and not isinstance(value, str):
             value = raw  # --out_dir=123 is still a path
-        config[key] = _check_type(key, value, defaults[key], f"--{key}")
+        config[key] = _check_type(key, value, defaults[key], f"--{key}", nullable)
+    for key, value in config.items():  # a path with a NUL byte fails deep inside open()
+        if isinstance(value, str) and '\0' in value:
+            die(f"{key} holds a NUL byte: pass plain text")
     return config
 
 
@@ -104,6 +111,23 @@ def atomic_write(path, write_fn, mode='wb'):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def check_writable(path, flag, folder=True):
+    """Stop now, with one line, if path (a folder, or a file when folder=False) could not be
+    written later: it is the wrong kind, sits under a file, or its place is not writable.
+    Creates nothing, so a run that stops here leaves nothing behind."""
+    path = os.path.abspath(path)
+    kind = 'folder' if folder else 'file'
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+        die(f"{flag}={path} is a {'file' if folder else 'folder'}, not a {kind}: pass a {kind} path")
+    parent = path if folder else os.path.dirname(path)
+    while not os.path.exists(parent):  # the nearest part of the path that exists
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        die(f"{flag}={path} cannot be made: {parent} is a file, not a folder; pass another {flag}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        die(f"{flag}={path} cannot be written: {parent} is not writable here; pass a writable {flag}")
 
 
 def save_json(obj, path):
@@ -191,13 +215,22 @@ def timed(fn, device, warmup, repeats):
 def matmul_flops(device, dtype, n=0, repeats=3):
     """(n, FLOP/s of each of repeats warmed-up n x n matmuls in dtype): the peak that MFU
     divides by, measured rather than looked up so it fits whatever machine this is.
-    n = 0: 8192 on CUDA, 2048 elsewhere."""
+    n = 0: 8192 on CUDA, 2048 elsewhere, or the first size from 256 up whose matmul takes
+    over 0.05 s (a CPU without float16 units runs it ~500x slower: 2048 would take minutes)."""
     import torch
-    n = n or (8192 if device.startswith('cuda') else 2048)
+    top = n or (8192 if device.startswith('cuda') else 2048)
+    n = n or 256
     ptdtype = getattr(torch, dtype)
-    a = torch.randn(n, n, device=device).to(ptdtype)
-    b = torch.randn(n, n, device=device).to(ptdtype)
-    c = torch.empty(n, n, device=device, dtype=ptdtype)
+    # a generator of its own: train.py measures after restoring a checkpoint's RNG state, and a
+    # draw from the global stream there would shift every later dropout mask (resume not exact)
+    gen = torch.Generator(device=device).manual_seed(0)
+    while True:
+        a = torch.randn(n, n, device=device, generator=gen).to(ptdtype)
+        b = torch.randn(n, n, device=device, generator=gen).to(ptdtype)
+        c = torch.empty(n, n, device=device, dtype=ptdtype)
+        if n >= top or timed(lambda: torch.mm(a, b, out=c), device, 1, 1)[0] > 0.05:
+            break
+        n *= 2
     return n, [2 * n ** 3 / t for t in timed(lambda: torch.mm(a, b, out=c), device, 2, repeats)]
 
 
@@ -235,6 +268,8 @@ def get_tokenizer(timeout=120):
 
 def load_meta(data_dir):
     path = os.path.join(data_dir, 'meta.json')
+    if os.path.isfile(data_dir):
+        die(f"{data_dir} is a file, not a folder: pass --data_dir=FOLDER holding train.bin, val.bin and meta.json")
     if not os.path.isfile(path):
         die(f"{path} not found: run `python prepare.py` (or pass --data_dir=FOLDER holding "
             f"train.bin, val.bin and meta.json)")

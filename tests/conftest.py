@@ -1,5 +1,13 @@
-"""Shared test setup: offline tokenizer files and the real TinyStories sample in ../shared."""
+"""Shared test setup: offline tokenizer files and the real TinyStories sample in ../shared.
+
+The rule for this suite: a fixture (or a config such as config/tiny.py) may shrink sizes
+and step counts, but it must never switch off code that the default run executes. Where
+a shortcut is needed for speed, another test covers the default path, and the shortcut
+says which. (config/tiny.py once set peak_flops, which skipped the start-up matmul
+measurement, and so hid that it broke exact resume.)
+"""
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +29,24 @@ def error_of(fn, *args, **kwargs):
     msg = str(e.value.code)
     assert msg.startswith('error: ') and '\n' not in msg, msg
     return msg
+
+
+@pytest.fixture
+def readonly_dir(tmp_path):
+    """A folder this process cannot write into: chmod for a normal user; root writes through
+    permissions, so for root a read-only tmpfs mount (skipped where mounting is not allowed)."""
+    path = tmp_path / 'readonly'
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o500)
+        yield path
+        path.chmod(0o700)
+        return
+    r = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'ro,size=1m', 'tmpfs', str(path)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"root cannot mount a read-only tmpfs here: {r.stderr.decode().strip()}")
+    yield path
+    subprocess.run(['umount', str(path)], capture_output=True)
 
 
 @pytest.fixture(scope='session')

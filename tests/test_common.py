@@ -35,6 +35,9 @@ def test_bad_config_is_one_line_with_the_fix(tmp_path):
     assert 'batch_size must be int' in error_of(common.parse_config, DEFAULTS, ['--batch_size=eight'])
     assert 'compile must be bool' in error_of(common.parse_config, DEFAULTS, ['--compile=1'])
     assert 'needs a value' in error_of(common.parse_config, DEFAULTS, ['--batch_size'])
+    assert 'batch_size cannot be None' in error_of(common.parse_config, DEFAULTS, ['--batch_size=None'])
+    assert 'out_dir holds a NUL byte' in error_of(common.parse_config, DEFAULTS, ['--out_dir=a\0b'])
+    assert common.parse_config({**DEFAULTS, 'top_k': 200}, ['--top_k=None'], nullable=('top_k',))['top_k'] is None
     assert 'not found' in error_of(common.parse_config, DEFAULTS, ['missing.py'])
     bad = tmp_path / 'bad.py'
     bad.write_text("batch_size = 4\nlearnig_rate = 1e-3\n")
