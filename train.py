@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (autocast, clean_state_dict, config_defaults, die, load_meta, matmul_flops, open_split,
-                    parse_config, peak_memory, pick_device, pick_dtype, read_checkpoint, torch_save)
+from common import (autocast, check_writable, clean_state_dict, config_defaults, die, load_meta, matmul_flops,
+                    open_split, parse_config, peak_memory, pick_device, pick_dtype, read_checkpoint, torch_save)
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -149,11 +149,18 @@ def estimate_loss(model, splits, cfg, ctx, device):
 
 
 def check_config(cfg):
-    """Config values that would fail late or silently train wrong: stop now, say why."""
+    """Config values that would fail late or silently train wrong: stop now, say why.
+    Returns the warnings for what it adjusted (a short run's warmup)."""
     for key in ('batch_size', 'block_size', 'max_iters', 'eval_interval', 'log_interval', 'eval_iters',
                 'gradient_accumulation_steps', 'n_layer', 'n_head', 'n_embd'):
         if cfg[key] < 1:
             die(f"{key} must be at least 1, got {cfg[key]}")
+    for key in ('learning_rate', 'weight_decay', 'grad_clip', 'warmup_iters', 'lr_decay_iters', 'peak_flops'):
+        if not cfg[key] >= 0:  # also catches nan
+            die(f"{key} must be 0 or more, got {cfg[key]}")
+    for key in ('beta1', 'beta2'):
+        if not 0 <= cfg[key] < 1:
+            die(f"{key} must be in [0, 1) (AdamW's moving-average factor), got {cfg[key]}")
     if cfg['n_embd'] % cfg['n_head']:
         die(f"n_embd={cfg['n_embd']} must be divisible by n_head={cfg['n_head']}")
     if not 0.0 <= cfg['dropout'] < 1.0:
@@ -163,11 +170,18 @@ def check_config(cfg):
     if not 0 <= cfg['min_lr'] <= cfg['learning_rate']:
         die(f"min_lr={cfg['min_lr']} must be between 0 and learning_rate={cfg['learning_rate']} "
             f"(the cosine schedule decays from learning_rate down to min_lr)")
-    if cfg['decay_lr'] and cfg['warmup_iters'] > (cfg['lr_decay_iters'] or cfg['max_iters']):
-        die(f"warmup_iters={cfg['warmup_iters']} is past the end of the LR decay "
-            f"(lr_decay_iters={cfg['lr_decay_iters'] or cfg['max_iters']}): lower warmup_iters")
     if cfg['backend'] not in ('auto', 'nccl', 'gloo'):
         die(f"backend must be auto, nccl or gloo, got {cfg['backend']!r}")
+    check_writable(cfg['out_dir'], '--out_dir')  # before minutes of training, not at the first save
+    warnings = []
+    decay_end = cfg['lr_decay_iters'] or cfg['max_iters']
+    if cfg['decay_lr'] and cfg['warmup_iters'] > decay_end:
+        # a quick `--max_iters=100` under the recipe's 1000-step warmup: warm up for a tenth instead
+        warmup = decay_end // 10
+        warnings.append(f"warning: warmup_iters={cfg['warmup_iters']} is longer than the LR decay "
+                        f"({decay_end} steps): warming up for {warmup} steps instead (a tenth)")
+        cfg['warmup_iters'] = warmup
+    return warnings
 
 
 def format_eta(seconds):
@@ -177,7 +191,7 @@ def format_eta(seconds):
 
 def main(argv=None):
     cfg = parse_config(config_defaults(globals()), argv)
-    check_config(cfg)
+    warnings = check_config(cfg)
 
     # processes: one per device under torchrun (RANK/WORLD_SIZE set), else just this one
     ddp = int(os.environ.get('RANK', -1)) != -1
@@ -192,6 +206,8 @@ def main(argv=None):
         dist.init_process_group(backend=backend)
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
+    for line in warnings:
+        log(line)
     accum = cfg['gradient_accumulation_steps']
     if accum % world_size:
         die(f"gradient_accumulation_steps={accum} must be divisible by the number of processes "
@@ -276,7 +292,10 @@ def main(argv=None):
         f"{cfg['batch_size']} x {cfg['block_size']}), {dtype} on {device}")
 
     # training log: on resume keep the lines up to the checkpoint, on a new run start over
-    os.makedirs(cfg['out_dir'], exist_ok=True)
+    try:
+        os.makedirs(cfg['out_dir'], exist_ok=True)
+    except OSError as e:  # check_writable cannot foresee everything (e.g. a folder under /proc)
+        die(f"cannot create out_dir {cfg['out_dir']} ({e.strerror}): choose a writable --out_dir")
     log_path = os.path.join(cfg['out_dir'], 'log.jsonl')
     elapsed_before = 0.0
     if master and not cfg['eval_only']:

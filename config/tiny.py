@@ -1,4 +1,5 @@
-# A tiny model and short run for tests and smoke checks: seconds on a CPU.
+# A tiny model and short run for tests and smoke checks: seconds on a CPU. It shrinks sizes
+# only; it switches off nothing a default run does (tests/conftest.py).
 #   python train.py config/tiny.py --data_dir=...
 out_dir = 'out-tiny'
 eval_interval = 4
@@ -18,4 +19,3 @@ warmup_iters = 2
 lr_decay_iters = 8
 device = 'cpu'
 dtype = 'float32'
-peak_flops = 1e11  # a round figure: skips the startup matmul benchmark

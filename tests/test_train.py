@@ -1,7 +1,9 @@
 """train.py: the LR schedule, gradient accumulation, the memory-lean training path, and end
 to end on the ../shared TinyStories sample with config/tiny.py: prepare -> train -> best and
-resumable checkpoints -> exact resume -> sample; config and data errors, SIGTERM, NaN stop,
-and a 2-process DDP run over gloo through torchrun."""
+resumable checkpoints -> exact resume (weights and optimizer state bit for bit) -> sample;
+config and data errors, short runs, SIGTERM, NaN stop, a 2-process DDP run over gloo through
+torchrun, and the GPU users' paths run for real on the CPU: fp16 autocast with a GradScaler,
+bf16 autocast, --compile=True (alone, resumed, and under DDP)."""
 import copy
 import json
 import math
@@ -28,8 +30,10 @@ def script_env():
     return dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
 
 
-def run_train(*args, launcher=(), timeout=300):
-    cmd = [sys.executable, *launcher, 'train.py', TINY, *args]
+def run_train(*args, launcher=(), timeout=300, report=False):
+    """train.py as a user runs it. The report card at the end (eval.py's full pass and ten
+    stories: ~30 s here, 3x the training) is on only where asked: run_a covers it."""
+    cmd = [sys.executable, *launcher, 'train.py', TINY, *args, *([] if report else ['--report=False'])]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=script_env(), timeout=timeout)
 
 
@@ -41,6 +45,23 @@ def step_losses(stdout):
 def read_log(out_dir):
     with open(out_dir / 'log.jsonl') as f:
         return [json.loads(line) for line in f]
+
+
+def assert_same_state(out_a, out_b):
+    """The ckpt.pt of two runs hold the same step, weights, optimizer state and random
+    streams, bit for bit (torch.equal): one run continued exactly where the other went."""
+    a, b = (torch.load(out / 'ckpt.pt', weights_only=True) for out in (out_a, out_b))
+    assert a['iter_num'] == b['iter_num']
+    assert a['model'].keys() == b['model'].keys()
+    for k in a['model']:
+        assert torch.equal(a['model'][k], b['model'][k]), f"weights {k} differ"
+    state_a, state_b = a['optimizer']['state'], b['optimizer']['state']
+    assert state_a.keys() == state_b.keys() and a['optimizer']['param_groups'] == b['optimizer']['param_groups']
+    for i in state_a:
+        for k in state_a[i]:
+            assert torch.equal(state_a[i][k], state_b[i][k]), f"optimizer state {i}.{k} differs"
+    for ra, rb in zip(a['rng'], b['rng']):
+        assert torch.equal(ra['torch'], rb['torch']) and torch.equal(ra['data'], rb['data'])
 
 
 def error_of(argv):
@@ -62,9 +83,11 @@ def data_dir(tmp_path_factory, stories_dir):
 
 @pytest.fixture(scope='module')
 def run_a(data_dir, tmp_path_factory):
-    """The reference run: config/tiny.py, 8 steps, evaluations at 0, 4 and 8."""
+    """The reference run: config/tiny.py, 8 steps, evaluations at 0, 4 and 8. It starts up as a
+    default run does (tiny.py shrinks sizes only; e.g. the peak matmul is measured), with
+    dropout on and 2 micro-batches per step."""
     out = tmp_path_factory.mktemp('run_a')
-    r = run_train(f'--data_dir={data_dir}', f'--out_dir={out}')
+    r = run_train(f'--data_dir={data_dir}', f'--out_dir={out}', report=True)
     assert r.returncode == 0, r.stderr
     return out, r.stdout
 
@@ -172,11 +195,52 @@ def test_memory_lean_training_path_matches_plain_autograd(monkeypatch, autocast_
     (['--learning_rate=1e-4', '--min_lr=1e-3'], 'min_lr=0.001 must be between 0 and learning_rate=0.0001'),
     (['--init_from=gpt2'], "init_from must be 'scratch' or 'resume'"),
     (['--n_head=5'], 'n_embd=32 must be divisible by n_head=5'),
-    (['--warmup_iters=50'], 'warmup_iters=50 is past the end of the LR decay'),
     (['--backend=mpi'], 'backend must be auto, nccl or gloo'),
+    (['--grad_clip=-1'], 'grad_clip must be 0 or more, got -1.0'),
+    (['--learning_rate=-1e-3'], 'learning_rate must be 0 or more'),
+    (['--weight_decay=-0.1'], 'weight_decay must be 0 or more, got -0.1'),
+    (['--warmup_iters=-5'], 'warmup_iters must be 0 or more'),
+    (['--peak_flops=-1'], 'peak_flops must be 0 or more'),
+    (['--beta2=1.0'], 'beta2 must be in [0, 1)'),
+    (['--eval_iters=0'], 'eval_iters must be at least 1, got 0'),
+    (['--dropout=1.0'], 'dropout must be in [0, 1)'),
+    (['--batch_size=None'], 'batch_size cannot be None'),
+    (['--dtype=float8'], "dtype 'float8' is not one of auto, float32, bfloat16, float16"),
 ])
-def test_config_errors(args, message, data_dir):
-    assert message in error_of([str(REPO / TINY), f'--data_dir={data_dir}', *args])
+def test_config_errors(args, message, data_dir, tmp_path):
+    out = tmp_path / 'out'
+    assert message in error_of([str(REPO / TINY), f'--data_dir={data_dir}', f'--out_dir={out}', *args])
+    assert not out.exists()
+
+
+def test_out_dir_and_data_dir_of_the_wrong_kind_or_unwritable(data_dir, tmp_path, readonly_dir):
+    """A place train.py could not write stops it at once, not at the first checkpoint minutes
+    later; nothing is written anywhere."""
+    afile = tmp_path / 'afile'
+    afile.write_text('x')
+    tiny, data = str(REPO / TINY), f'--data_dir={data_dir}'
+    assert f'--out_dir={afile} is a file, not a folder' in error_of([tiny, data, f'--out_dir={afile}'])
+    assert f'{afile} is a file, not a folder' in error_of([tiny, data, f'--out_dir={afile}/run'])
+    assert 'is not writable here' in error_of([tiny, data, f'--out_dir={readonly_dir}/run'])
+    assert f'{afile} is a file, not a folder: pass --data_dir=FOLDER' in error_of(
+        [tiny, f'--data_dir={afile}', f'--out_dir={tmp_path}/run'])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['afile', 'readonly'] and not list(readonly_dir.iterdir())
+
+
+def test_warmup_longer_than_the_run_is_shortened_with_one_warning(data_dir, tmp_path):
+    """`python train.py --max_iters=100` under the recipe's 1000-step warmup: it trains, and one
+    line says what was adjusted."""
+    cfg = train.config_defaults(vars(train)) | {'max_iters': 100, 'out_dir': str(tmp_path / 'x')}
+    warnings = train.check_config(cfg)
+    assert warnings == ['warning: warmup_iters=1000 is longer than the LR decay (100 steps): '
+                        'warming up for 10 steps instead (a tenth)']
+    assert cfg['warmup_iters'] == 10 and train.get_lr(10, cfg) == train.learning_rate
+    r = run_train(f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--warmup_iters=1000', '--lr_decay_iters=0',
+                  '--max_iters=20', '--eval_interval=20', '--gradient_accumulation_steps=1')
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count('warning: ') == 1 and 'warming up for 2 steps instead' in r.stdout
+    assert re.search(r'^iter 1/20 \| loss [\d.]+ \| lr 3.33e-04 ', r.stdout, re.M)  # 1e-3 * 1/3: step 1 of 2
+    assert read_log(tmp_path)[-1]['iter'] == 20
 
 
 def test_config_file_with_unknown_key_is_refused(tmp_path):
@@ -254,6 +318,9 @@ def test_resume_reproduces_the_uninterrupted_run(run_a, data_dir, tmp_path):
     assert [r['iter'] for r in rows_b] == [0, 4, 8]
     for key in ('tokens', 'train_loss', 'val_loss', 'lr'):
         assert rows_b[-1][key] == rows_a[-1][key]
+    # the resume point is an evaluation, the start-up measures the matmul peak, dropout is on and
+    # each step has 2 micro-batches: none of it may shift the run by a single bit
+    assert_same_state(out_a, tmp_path)
 
 
 def test_eval_only_and_sample_from_the_trained_model(run_a, data_dir):
@@ -296,6 +363,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(run_a, data_dir, tmp_pa
     assert sorted(after) == list(range(stopped + 1, 9))
     assert all(after[i] == straight[i] for i in after)
     assert read_log(tmp_path)[-1]['val_loss'] == read_log(out_a)[-1]['val_loss']
+    assert_same_state(out_a, tmp_path)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(run_a, data_dir, tmp_path):
@@ -309,10 +377,20 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(run_a, data_dir, tmp_
     assert (tmp_path / 'run' / 'ckpt.pt').read_bytes() == before
 
 
-def test_ddp_two_processes_over_gloo(data_dir, tmp_path):
-    torchrun = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
-    r = run_train(f'--data_dir={data_dir}', f'--out_dir={tmp_path}', launcher=torchrun)
+TORCHRUN = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+
+
+@pytest.fixture(scope='module')
+def run_ddp(data_dir, tmp_path_factory):
+    """`torchrun --nproc_per_node=2 train.py` with config/tiny.py: 2 processes over gloo."""
+    out = tmp_path_factory.mktemp('run_ddp')
+    r = run_train(f'--data_dir={data_dir}', f'--out_dir={out}', launcher=TORCHRUN)
     assert r.returncode == 0, r.stderr
+    return out, r
+
+
+def test_ddp_two_processes_over_gloo(run_ddp, data_dir):
+    tmp_path, r = run_ddp
     assert '2 process(es) x 1 micro-batches' in r.stdout
     assert len(re.findall(r'^iter 8/8 ', r.stdout, re.M)) == 1  # only rank 0 logs
     rows = read_log(tmp_path)
@@ -322,6 +400,112 @@ def test_ddp_two_processes_over_gloo(data_dir, tmp_path):
     assert not torch.equal(ckpt['rng'][0]['data'], ckpt['rng'][1]['data'])  # ranks draw different windows
     assert not any(k.startswith('module.') for k in ckpt['model'])
     bad = run_train(f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--gradient_accumulation_steps=3',
-                    launcher=torchrun)
+                    launcher=TORCHRUN)
     assert bad.returncode != 0
     assert 'error: gradient_accumulation_steps=3 must be divisible by the number of processes (2)' in bad.stderr
+
+
+# -----------------------------------------------------------------------------
+# the GPU users' paths, run for real on the CPU: CPU autocast takes float16 and bfloat16,
+# torch.amp.GradScaler('cpu') is the GradScaler a Colab T4 runs on CUDA, and inductor compiles
+# for the CPU. Each is compared with run_a, the fp32 eager reference.
+
+def max_gap(stdout, reference):
+    losses, ref = step_losses(stdout), step_losses(reference)
+    assert losses and set(losses) <= set(ref)
+    return max(abs(losses[i] - ref[i]) for i in losses)
+
+
+# Low precision vs fp32 over the first 4 steps: fp16 keeps 11 significant bits and bf16 8, so
+# matmul outputs carry relative errors of ~5e-4 and ~4e-3 that mostly average out over a
+# loss of 512 tokens: measured gaps are ~1e-4. 0.01 is far above that and far below what a
+# broken path moves: the loss falls ~0.04 per step here, so one skipped or doubled optimizer
+# step shows up as a gap of ~0.03 or more.
+LOW_PRECISION_TOLERANCE = 0.01
+
+
+@pytest.mark.parametrize('dtype', ['float16', 'bfloat16'])
+def test_low_precision_autocast_trains_like_fp32(dtype, run_a, data_dir, tmp_path):
+    r = run_train(f'--data_dir={data_dir}', f'--out_dir={tmp_path}', f'--dtype={dtype}', '--max_iters=4')
+    assert r.returncode == 0, r.stderr
+    assert f'{dtype} on cpu' in r.stdout
+    assert sorted(step_losses(r.stdout)) == [1, 2, 3, 4]
+    assert max_gap(r.stdout, run_a[1]) < LOW_PRECISION_TOLERANCE
+    scaler = torch.load(tmp_path / 'ckpt.pt', weights_only=True)['scaler']
+    if dtype == 'float16':  # the scaler is on, and no step overflowed at its initial scale
+        assert scaler['scale'] == 2.0 ** 16 and scaler['_growth_tracker'] == 4
+    else:  # bf16 has fp32's range: no scaler
+        assert not scaler
+
+
+def test_grad_scaler_skips_a_step_whose_gradients_overflow():
+    """train_step with the fp16 GradScaler: a step with inf gradients leaves the weights and
+    AdamW's state untouched and halves the scale; the next good step trains again."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=512, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0), verbose=False)
+    opt = m.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    scaler = torch.amp.GradScaler('cpu', enabled=True)  # as train.py makes it for float16
+    ctx = train.autocast('cpu', 'float16')
+    batch = [(torch.randint(0, 512, (4, 16)), torch.randint(0, 512, (4, 16)))]
+
+    def snapshot():
+        return [p.detach().clone() for p in m.parameters()], copy.deepcopy(opt.state_dict()['state'])
+
+    def step():
+        return train.train_step(m, opt, scaler, batch, 1e-3, 1.0, ctx)
+
+    step()
+    weights, state = snapshot()
+    scale = scaler.get_scale()
+    hook = m.transformer.h[0].mlp.c_fc.weight.register_hook(lambda g: torch.full_like(g, float('inf')))
+    step()
+    hook.remove()
+    assert all(torch.equal(a, b) for a, b in zip(weights, m.parameters())), "an overflowing step changed weights"
+    after = opt.state_dict()['state']
+    assert all(torch.equal(state[i][k], after[i][k]) for i in state for k in state[i])
+    assert scaler.get_scale() == scale / 2
+    step()
+    assert not all(torch.equal(a, b) for a, b in zip(weights, m.parameters()))
+
+
+# torch.compile vs eager: inductor draws dropout masks from its own generator, so the runs take
+# different masks; measured gaps ~2e-3 over 8 steps. 0.02 is 10x that and under a skipped step.
+COMPILE_TOLERANCE = 0.02
+
+
+@pytest.fixture(scope='module')
+def run_compiled(data_dir, tmp_path_factory):
+    """run_a with --compile=True (the first run pays inductor's compile; later ones hit its cache)."""
+    out = tmp_path_factory.mktemp('run_compiled')
+    r = run_train(f'--data_dir={data_dir}', f'--out_dir={out}', '--compile=True', timeout=600)
+    assert r.returncode == 0, r.stderr
+    return out, r.stdout
+
+
+def test_compiled_training_matches_eager(run_a, run_compiled):
+    out, stdout = run_compiled
+    assert sorted(step_losses(stdout)) == list(range(1, 9))
+    assert max_gap(stdout, run_a[1]) < COMPILE_TOLERANCE
+    assert abs(read_log(out)[-1]['val_loss'] - read_log(run_a[0])[-1]['val_loss']) < COMPILE_TOLERANCE
+    for name in ('ckpt.pt', 'best_model_params.pt'):  # loadable anywhere: no _orig_mod. prefixes
+        keys = torch.load(out / name, weights_only=True)['model']
+        assert keys.keys() == torch.load(run_a[0] / name, weights_only=True)['model'].keys()
+
+
+def test_a_compiled_run_resumes_exactly(run_compiled, data_dir, tmp_path):
+    first = run_train(f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--compile=True', '--max_iters=4')
+    assert first.returncode == 0, first.stderr
+    second = run_train(f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--compile=True', '--init_from=resume')
+    assert second.returncode == 0, second.stderr
+    assert_same_state(run_compiled[0], tmp_path)
+
+
+def test_ddp_with_compile(run_ddp, data_dir, tmp_path):
+    """torchrun, 2 gloo processes, --compile=True: DDP wraps the compiled model."""
+    r = run_train(f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--compile=True', launcher=TORCHRUN,
+                  timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert len(re.findall(r'^iter 8/8 ', r.stdout, re.M)) == 1  # only rank 0 logs
+    assert max_gap(r.stdout, run_ddp[1].stdout) < COMPILE_TOLERANCE
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert len(ckpt['rng']) == 2 and ckpt['model'].keys() == torch.load(run_ddp[0] / 'ckpt.pt', weights_only=True)['model'].keys()
