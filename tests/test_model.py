@@ -1,11 +1,14 @@
-"""model.py: parameter count, checkpoint loading, and generation (kv cache, sampling, stopping)."""
+"""model.py: parameter count, checkpoint loading, the custom autograd Functions against autograd
+and gradcheck, and generation (kv cache, sampling, stopping)."""
 from dataclasses import asdict
 
 import pytest
 import torch
 
 from common import clean_state_dict, load_model, torch_save
-from model import MKL_PACKED_GEMM, GPT, GPTConfig, sample_logits
+import torch.nn.functional as F
+
+from model import MKL_PACKED_GEMM, GPT, GeluLinear, GPTConfig, LinearCrossEntropy, sample_logits
 
 TINY = dict(vocab_size=101, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
 
@@ -39,6 +42,53 @@ def test_constructor_prints_total_and_non_embedding_counts(capsys):
     assert "number of parameters" in out and "total" in out and "non-embedding" in out
 
 
+# -----------------------------------------------------------------------------
+# the custom autograd Functions: gradcheck in float64, and equal to plain autograd
+
+def ce_inputs(rows=13, dim=6, vocab=11, seed=0):
+    """Rows of hidden states, the output matrix and targets; two targets ignored (-1)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, dim, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(vocab, dim, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, vocab, (rows,), generator=g)
+    t[[2, 7]] = -1
+    return x, w, t
+
+
+def test_linear_cross_entropy_passes_gradcheck():
+    x, w, t = ce_inputs()
+    # chunk 4 over 13 rows: three full chunks and a partial one, as the real loss runs
+    assert torch.autograd.gradcheck(lambda x, w: LinearCrossEntropy.apply(x, w, t, 4), (x, w))
+
+
+def test_linear_cross_entropy_equals_f_cross_entropy_over_plain_logits():
+    x, w, t = ce_inputs()
+    loss = LinearCrossEntropy.apply(x, w, t, 4)
+    gx, gw = torch.autograd.grad(loss, (x, w))
+    ref = F.cross_entropy(x @ w.t(), t, ignore_index=-1)
+    rx, rw = torch.autograd.grad(ref, (x, w))
+    # float64: only summation order differs, ~1e-16 relative; 1e-12 leaves room and catches any real error
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx, rx, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gw, rw, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('bias', [True, False])
+def test_gelu_linear_passes_gradcheck_and_equals_plain_autograd(bias):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 3, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    inputs = (h, w, b) if bias else (h, w)
+    assert torch.autograd.gradcheck(lambda h, w, b=None: GeluLinear.apply(h, w, b), inputs)
+    out = GeluLinear.apply(h, w, b)
+    ref = F.linear(F.gelu(h), w, b)
+    assert torch.equal(out, ref)  # the same forward ops
+    probe = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    for a, r in zip(torch.autograd.grad(out, inputs, probe), torch.autograd.grad(ref, inputs, probe)):
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize('prefix', ['_orig_mod.', 'module.', 'module._orig_mod.'])
 def test_load_model_accepts_compiled_and_ddp_state_dicts(tmp_path, prefix):
     model = tiny_model()
@@ -53,16 +103,18 @@ def test_load_model_accepts_compiled_and_ddp_state_dicts(tmp_path, prefix):
 
 
 def test_batch_logits_equal_rows_one_by_one():
+    # batch and single-row matmuls sum in different orders (MKL picks kernels by shape): on an
+    # AMD EPYC the gap reaches 7e-4 on these logits of magnitude ~30; a row mix-up is off by ~10
     model = tiny_model()
     idx = prompts(4, 11)
     with torch.no_grad():
         batch = model(idx)[0]
         rows = torch.cat([model(idx[i:i + 1])[0] for i in range(4)])
-        assert torch.allclose(batch, rows, atol=1e-5, rtol=0)
+        assert torch.allclose(batch, rows, atol=3e-3, rtol=0)
         batch_cached = model.forward_cached(idx, model.new_kv_cache(4), 0)
         rows_cached = torch.cat([model.forward_cached(idx[i:i + 1], model.new_kv_cache(1), 0) for i in range(4)])
-    assert torch.allclose(batch_cached, rows_cached, atol=1e-5, rtol=0)
-    assert torch.allclose(batch_cached, batch[:, -1], atol=1e-5, rtol=0)
+    assert torch.allclose(batch_cached, rows_cached, atol=3e-3, rtol=0)
+    assert torch.allclose(batch_cached, batch[:, -1], atol=3e-3, rtol=0)
     # and batched generation gives every row what it gets alone
     out = model.generate(idx, 30, temperature=0)
     for i in range(4):
