@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import socket
+import threading
 import time
 import urllib.parse
 from collections import deque
@@ -29,7 +30,7 @@ from concurrent.futures.process import BrokenProcessPool
 import numpy as np
 
 import common
-from common import config_defaults, die, get_tokenizer, parse_config, save_json
+from common import check_writable, config_defaults, die, get_tokenizer, parse_config, save_json
 
 # -----------------------------------------------------------------------------
 # config (python prepare.py --key=value)
@@ -38,7 +39,7 @@ dataset = 'roneneldan/TinyStories'  # Hugging Face dataset (or local folder) use
 train_files = ''  # comma-separated local text files in the TinyStories layout ...
 val_files = ''    # ... give both to prepare offline or from your own stories
 force = False     # rebuild even if out_dir already holds a complete run
-num_proc = 0      # tokenizer processes; 0 = one per CPU core
+num_proc = 0      # tokenizer processes; 0 = one per CPU core, at most 4 per core
 # -----------------------------------------------------------------------------
 
 _SEPARATOR = '<|endoftext|>'  # the story separator in TinyStories text files
@@ -152,6 +153,21 @@ def _encode_text(text):
 
 def _init_worker():
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled once, by the main process
+    # A worker waits on the task queue forever if the main process is killed (kill -9, the OOM
+    # killer). Its parent (whatever the start method made it) going away re-parents the worker,
+    # so a new parent pid means: exit.
+    parent = os.getppid()
+
+    def exit_when_orphaned():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+    threading.Thread(target=exit_when_orphaned, daemon=True).start()
+
+
+def cpu_count():
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
 
 def tokenize(encode, tasks, pool, workers):
@@ -243,6 +259,10 @@ def write_dataset(out_dir, split_tasks, sources, num_proc=0):
     into place and meta.json written last, so an interrupted run never looks complete.
     """
     get_tokenizer()  # fails here in one line, not in every worker; forked workers inherit it
+    made, missing = [], os.path.abspath(out_dir)  # folders this run makes: a failed run removes them
+    while not os.path.exists(missing):
+        made.append(missing)
+        missing = os.path.dirname(missing)
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
@@ -254,8 +274,9 @@ def write_dataset(out_dir, split_tasks, sources, num_proc=0):
     tmp = {split: os.path.join(out_dir, f"{split}.bin.tmp{os.getpid()}") for split in split_tasks}
     t0 = time.perf_counter()
     if num_proc <= 0:
-        num_proc = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+        num_proc = cpu_count()
     pool = ProcessPoolExecutor(num_proc, initializer=_init_worker) if num_proc > 1 else None
+    meta = None
     try:
         splits = {split: write_split(split, tokenize(encode, tasks, pool, num_proc), tmp[split], total)
                   for split, (encode, tasks, total) in split_tasks.items()}
@@ -279,6 +300,11 @@ def write_dataset(out_dir, split_tasks, sources, num_proc=0):
         for path in tmp.values():
             if os.path.exists(path):
                 os.remove(path)
+        for folder in made if meta is None else []:  # deepest first; rmdir leaves a non-empty one
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
     dt = time.perf_counter() - t0
     stories = sum(s['stories'] for s in splits.values())
     tokens = sum(s['tokens'] for s in splits.values())
@@ -361,15 +387,42 @@ def prepare_hub(name, out_dir, force=False, num_proc=0):
                          sources, num_proc)
 
 
-def main(argv=None):
-    cfg = parse_config(config_defaults(globals()), argv)
+def file_list(value):
+    return [p for p in value.split(',') if p]
+
+
+def check_config(cfg):
+    """Stop with one line on a bad flag before any work: nothing loaded, read or written yet."""
+    most = 4 * cpu_count()  # more only adds memory: each worker holds the BPE and its tasks
+    if not 0 <= cfg['num_proc'] <= most:
+        die(f"--num_proc={cfg['num_proc']} is out of range: use 1 to {most} tokenizer processes "
+            f"({cpu_count()} CPU cores here), or 0 for one per core")
     if bool(cfg['train_files']) != bool(cfg['val_files']):
         die("give both --train_files and --val_files (comma-separated text files), "
             "or neither to download TinyStories")
+    if cfg['train_files']:
+        train, val = file_list(cfg['train_files']), file_list(cfg['val_files'])
+        if not train or not val:
+            die("give at least one file to each of --train_files and --val_files (comma-separated)")
+        for path in train + val:
+            check_file(path)
+    elif not cfg['dataset'].strip():
+        die("--dataset is empty: pass a Hugging Face dataset name (like roneneldan/TinyStories) or a dataset folder")
+    elif os.path.isfile(cfg['dataset']):
+        die(f"--dataset={cfg['dataset']} is a file, not a dataset: pass a Hugging Face dataset name or folder, "
+            f"or text files with --train_files/--val_files")
+    if not cfg['out_dir']:
+        die("--out_dir is empty: pass the folder for train.bin, val.bin and meta.json")
+    if cfg['force'] or complete_meta(cfg['out_dir']) is None:  # an up-to-date read-only folder is fine
+        check_writable(cfg['out_dir'], '--out_dir')
+
+
+def main(argv=None):
+    cfg = parse_config(config_defaults(globals()), argv)
+    check_config(cfg)
     try:
         if cfg['train_files']:
-            prepare_files([p for p in cfg['train_files'].split(',') if p],
-                          [p for p in cfg['val_files'].split(',') if p],
+            prepare_files(file_list(cfg['train_files']), file_list(cfg['val_files']),
                           cfg['out_dir'], cfg['force'], cfg['num_proc'])
         else:
             prepare_hub(cfg['dataset'], cfg['out_dir'], cfg['force'], cfg['num_proc'])

@@ -1,4 +1,6 @@
-"""prepare.py: exact tokens, meta.json, idempotence, atomic writes, bad input, the offline error."""
+"""prepare.py: exact tokens, meta.json, idempotence, atomic writes, bad input and flags, the offline
+error, no orphan workers."""
+import glob
 import hashlib
 import json
 import os
@@ -13,6 +15,7 @@ import pytest
 
 import common
 import prepare
+from conftest import error_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEP = '<|endoftext|>'
@@ -218,31 +221,21 @@ def bad_inputs(tmp_path, stories_dir):
     (tmp_path / 'empty.txt').write_bytes(b'')
     (tmp_path / 'nostories.txt').write_text(f'\n{SEP}\n   \n{SEP}\n\n')
     (tmp_path / 'latin1.txt').write_bytes(f'A fine story.\n{SEP}\nCaf'.encode() + b'\xe9 au lait.\n')
-    (tmp_path / 'afile').write_text('not a folder')
     return {
         'missing file': ([f'--train_files={tmp_path}/nope.txt', f'--val_files={good}'], 'not found'),
         'empty file': ([f'--train_files={good}', f'--val_files={tmp_path}/empty.txt'], 'is empty'),
         'no stories': ([f'--train_files={good}', f'--val_files={tmp_path}/nostories.txt'], 'holds no stories'),
         'invalid utf-8': ([f'--train_files={good}', f'--val_files={tmp_path}/latin1.txt'],
                           f'not valid UTF-8 (bad byte at offset {len(f"A fine story.{chr(10)}{SEP}{chr(10)}Caf")})'),
-        'folder as file': ([f'--train_files={tmp_path}', f'--val_files={good}'], 'is not a file'),
-        'unwritable out_dir': ([f'--train_files={good}', f'--val_files={good}', f'--out_dir={tmp_path}/afile/data'],
-                               'cannot create out_dir'),
-        'unknown flag': ([f'--train_files={good}', f'--val_files={good}', '--bogus=1'], 'unknown option --bogus'),
-        'only train files': ([f'--train_files={good}'], 'give both --train_files and --val_files'),
-        'wrong type': ([f'--train_files={good}', f'--val_files={good}', '--num_proc=many'], 'num_proc must be int'),
     }
 
 
-@pytest.mark.parametrize('case', ['missing file', 'empty file', 'no stories', 'invalid utf-8', 'folder as file',
-                                  'unwritable out_dir', 'unknown flag', 'only train files', 'wrong type'])
+@pytest.mark.parametrize('case', ['missing file', 'empty file', 'no stories', 'invalid utf-8'])
 def test_bad_input_gives_one_line_and_no_output(case, tmp_path, stories_dir):
     args, message = bad_inputs(tmp_path, stories_dir)[case]
-    out = tmp_path / 'out'
-    if not any(a.startswith('--out_dir') for a in args):
-        args = args + [f'--out_dir={out}']
-    assert message in one_line_error(run_prepare(*args))
-    assert not out.exists() or os.listdir(out) == []  # nothing written, no temp files left
+    out = tmp_path / 'out' / 'data'
+    assert message in one_line_error(run_prepare(*args, f'--out_dir={out}'))
+    assert not (tmp_path / 'out').exists()  # found while tokenizing: the folders made are removed again
 
 
 def test_bad_input_on_force_keeps_the_old_output(tmp_path, stories_dir):
@@ -256,14 +249,65 @@ def test_bad_input_on_force_keeps_the_old_output(tmp_path, stories_dir):
     assert prepare.complete_meta(str(out)) == old and sorted(os.listdir(out)) == ['meta.json', 'train.bin', 'val.bin']
 
 
-@pytest.mark.skipif(hasattr(os, 'geteuid') and os.geteuid() == 0, reason='root writes through permissions')
-def test_read_only_out_dir(tmp_path, stories_dir):
-    out = tmp_path / 'ro'
-    out.mkdir()
-    out.chmod(0o500)
+# Bad flags, run in-process: {tmp} is the test's tmp_path (holding afile and adir), {good} a good
+# story file. Every case starts from good local files and --out_dir={tmp}/out; later flags win.
+GOOD_FLAGS = ['--train_files={good}', '--val_files={good}', '--out_dir={tmp}/out']
+HUB = ['--train_files=', '--val_files=']  # no local files: the hub route
+BAD_FLAGS = {
+    'negative num_proc': (['--num_proc=-3'], '--num_proc=-3 is out of range'),
+    'huge num_proc': (['--num_proc=100000'], '--num_proc=100000 is out of range'),
+    'float num_proc': (['--num_proc=2.5'], 'num_proc must be int'),
+    'word num_proc': (['--num_proc=many'], 'num_proc must be int'),
+    'int force': (['--force=2'], 'force must be bool'),
+    'unknown flag': (['--bogus=1'], 'unknown option --bogus'),
+    'out_dir is a file': (['--out_dir={tmp}/afile'], 'afile is a file, not a folder'),
+    'out_dir under a file': (['--out_dir={tmp}/afile/data'], 'cannot be made: {tmp}/afile is a file'),
+    'empty out_dir': (['--out_dir='], '--out_dir is empty'),
+    'NUL in out_dir': (['--out_dir={tmp}/o\0ut'], 'out_dir holds a NUL byte'),
+    'train_files is a folder': (['--train_files={tmp}/adir'], '{tmp}/adir is not a file'),
+    'val_files is a folder': (['--val_files={tmp}/adir'], '{tmp}/adir is not a file'),
+    'missing val file': (['--val_files={good},{tmp}/nope.txt'], '{tmp}/nope.txt not found'),
+    'only commas': (['--train_files=,,'], 'give at least one file to each'),
+    'only train_files': (['--val_files='], 'give both --train_files and --val_files'),
+    'dataset is a file': (HUB + ['--dataset={tmp}/afile'], 'afile is a file, not a dataset'),
+    'empty dataset': (HUB + ['--dataset= '], '--dataset is empty'),
+    'hub route, out_dir is a file': (HUB + ['--out_dir={tmp}/afile'], 'afile is a file, not a folder'),
+    'hub route, negative num_proc': (HUB + ['--num_proc=-1'], '--num_proc=-1 is out of range'),
+}
+
+
+def snapshot(folder):
+    """Every path under folder with its size and mtime: what "nothing written" compares."""
+    return sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob('*'))
+
+
+@pytest.mark.parametrize('args, message', BAD_FLAGS.values(), ids=list(BAD_FLAGS))
+def test_bad_flag_stops_before_any_work_and_writes_nothing(args, message, tmp_path, stories_dir, monkeypatch):
+    def work(*args, **kwargs):
+        raise AssertionError('work began before every flag was checked')
+    for name in ('get_tokenizer', 'read_chunks', 'hub_reachable', 'load_hub', 'write_dataset'):
+        monkeypatch.setattr(prepare, name, work)
+    (tmp_path / 'afile').write_text('not a folder')
+    (tmp_path / 'adir').mkdir()
+    before = snapshot(tmp_path)
+    fill = dict(tmp=tmp_path, good=stories_dir / 'sample5.txt')
+    err = error_of(prepare.main, [a.format(**fill) for a in GOOD_FLAGS + args])
+    assert message.format(**fill) in err
+    assert snapshot(tmp_path) == before  # no out_dir, no temp files, the file in the way untouched
+
+
+def test_read_only_out_dir_stops_before_any_work(readonly_dir, stories_dir, tmp_path, monkeypatch):
     good = str(stories_dir / 'sample5.txt')
-    err = one_line_error(run_prepare(f'--train_files={good}', f'--val_files={good}', f'--out_dir={out}'))
-    assert 'writable --out_dir' in err
+    files = [f'--train_files={good}', f'--val_files={good}']
+    for out in (readonly_dir, readonly_dir / 'data'):
+        err = error_of(prepare.main, files + [f'--out_dir={out}'])
+        assert f'{readonly_dir} is not writable' in err
+    assert os.listdir(readonly_dir) == []
+    # an up-to-date folder is not written, so a read-only one (like shared data) is a no-op, not an error
+    done = str(tmp_path / 'done')
+    prepare.main(files + [f'--out_dir={done}', '--num_proc=1'])
+    monkeypatch.setattr(prepare, 'check_writable', lambda *args, **kwargs: pytest.fail('checked needlessly'))
+    prepare.main(files + [f'--out_dir={done}'])
 
 
 def closed_port():
@@ -374,4 +418,58 @@ def test_a_dying_worker_stops_the_run_instead_of_hanging(tmp_path):
     out = str(tmp_path / 'data')
     with pytest.raises(SystemExit, match='tokenizer process died'):
         prepare.write_dataset(out, {'train': (_die_in_worker, ['a story'] * 3, None)}, {'train': []}, num_proc=2)
-    assert os.listdir(out) == []
+    assert not os.path.exists(out)  # the folder this run made is removed again
+
+
+def pids_alive(pids):
+    """Those of pids still running (a zombie, dead but not yet reaped, does not count)."""
+    alive = []
+    for pid in pids:
+        try:
+            with open(f'/proc/{pid}/stat') as f:
+                state = f.read().rsplit(')', 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != 'Z':
+            alive.append(pid)
+    return alive
+
+
+def children_of(pid):
+    """The pids whose parent is pid, from /proc/*/stat."""
+    kids = []
+    for stat in glob.glob('/proc/[0-9]*/stat'):
+        try:
+            with open(stat) as f:
+                ppid = int(f.read().rsplit(')', 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid:
+            kids.append(int(stat.split('/')[2]))
+    return kids
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc/self'), reason='finds the workers in /proc')
+def test_workers_exit_when_the_main_process_is_killed(stories_dir, tmp_path):
+    big = tmp_path / 'big.txt'
+    big.write_bytes((stories_dir / 'train.txt').read_bytes() * 10)  # ~23 MB: many seconds of tokenizing
+    args = [f'--train_files={big}', f'--val_files={big}', f'--out_dir={tmp_path}/data', '--num_proc=2']
+    main = subprocess.Popen([sys.executable, 'prepare.py', *args], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = []
+    try:
+        deadline = time.time() + 60
+        while len(workers) < 2 and main.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+            workers = children_of(main.pid)  # the start method is fork: the workers are its children
+        assert len(workers) == 2 and main.poll() is None, (workers, main.returncode)
+        main.kill()  # SIGKILL, like the OOM killer: no cleanup runs in the main process
+        main.wait()
+        deadline = time.time() + 10
+        while pids_alive(workers) and time.time() < deadline:
+            time.sleep(0.1)
+        assert pids_alive(workers) == [], 'tokenizer workers outlived the killed main process'
+    finally:
+        main.kill()
+        for pid in pids_alive(workers):
+            os.kill(pid, signal.SIGKILL)
