@@ -13,6 +13,7 @@ GEMM for FLOP/s, a large copy and matrix-vector product for memory bandwidth, on
 the tokenizer for prepare. The CPU is often shared: every figure is the best of several
 repeats (noise only ever slows a run down), with the median beside it.
 """
+import math
 import os
 import platform
 import statistics
@@ -23,8 +24,8 @@ from contextlib import redirect_stdout
 
 import torch
 
-from common import (autocast, config_defaults, die, matmul_flops, parse_config, peak_memory, pick_device,
-                    pick_dtype, save_json, sync, timed)
+from common import (autocast, check_writable, config_defaults, die, matmul_flops, parse_config, peak_memory,
+                    pick_device, pick_dtype, save_json, sync, timed)
 from model import GPT, GPTConfig, linear
 
 # -----------------------------------------------------------------------------
@@ -317,8 +318,6 @@ def int_list(cfg, key):
 def bench_sample(cfg, device, dtype):
     batches, lengths = int_list(cfg, 'batches'), int_list(cfg, 'new_tokens')
     T0 = cfg['prompt_tokens']
-    if not 1 <= T0 <= cfg['block_size']:
-        die(f"--prompt_tokens={T0} must be between 1 and block_size ({cfg['block_size']})")
     peak_before = measure_peak(device, dtype, cfg['gemm_size'], cfg['copy_mb'])
     model = make_model(cfg, device)
     model.eval()
@@ -410,11 +409,6 @@ def bench_prepare(cfg, device, dtype):
     import prepare
     from common import get_tokenizer
     src, workers = cfg['text'], cfg['threads'] or num_cores()
-    if cfg['mb'] <= 0:
-        die(f"--mb={cfg['mb']} must be > 0: the MB of text to tokenize")
-    if not os.path.isfile(src):
-        die(f"--text={src} not found: pass a text file in the TinyStories layout (stories each followed "
-            f"by a line <|endoftext|>), e.g. ../shared/data/tinystories/train.txt")
     stories = prepare.read_stories(src)  # dies clearly on a missing, empty or non-UTF-8 file
     with open(src, 'rb') as f:
         data = f.read()
@@ -469,20 +463,57 @@ def bench_prepare(cfg, device, dtype):
 
 # -----------------------------------------------------------------------------
 
-def main(argv=None):
-    cfg = parse_config(config_defaults(globals()), argv)
-    modes = {'peak': bench_peak, 'train': bench_train, 'sample': bench_sample, 'prepare': bench_prepare}
-    if cfg['what'] not in modes:
-        die(f"--what={cfg['what']!r} is not one of {', '.join(modes)}")
-    for key in ('iters', 'repeats', 'batch_size', 'block_size', 'gradient_accumulation_steps'):
+MODES = {'peak': bench_peak, 'train': bench_train, 'sample': bench_sample, 'prepare': bench_prepare}
+
+
+def check_config(cfg):
+    """Bad flag values stop here, with one line, before anything is measured."""
+    if cfg['what'] not in MODES:
+        die(f"--what={cfg['what']!r} is not one of {', '.join(MODES)}")
+    for key in ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size', 'batch_size',
+                'gradient_accumulation_steps', 'iters', 'repeats', 'prompt_tokens'):
         if cfg[key] < 1:
             die(f"--{key}={cfg[key]} must be at least 1")
+    for key, zero in (('warmup', 'no warm-up'), ('gemm_size', 'the default size'),
+                      ('copy_mb', 'the default size'), ('threads', 'all cores')):
+        if cfg[key] < 0:
+            die(f"--{key}={cfg[key]} is negative: use 0 ({zero}) or more")
+    if cfg['n_embd'] % cfg['n_head']:
+        die(f"--n_embd={cfg['n_embd']} must be divisible by --n_head={cfg['n_head']}")
+    if not 0 <= cfg['dropout'] < 1:
+        die(f"--dropout={cfg['dropout']} must be in [0, 1)")
+    if cfg['what'] == 'train' and cfg['vocab_size'] > 2**16:  # the stand-in train.bin is uint16, as prepare's
+        die(f"--vocab_size={cfg['vocab_size']} does not fit the uint16 tokens train.py reads: use at most 65536")
+    int_list(cfg, 'batches')  # dies on a bad list
+    int_list(cfg, 'new_tokens')
+    if cfg['what'] == 'sample' and cfg['prompt_tokens'] > cfg['block_size']:
+        die(f"--prompt_tokens={cfg['prompt_tokens']} must be between 1 and block_size ({cfg['block_size']})")
+    if not 0 <= cfg['temperature'] < math.inf:
+        die(f"--temperature={cfg['temperature']} must be a finite number >= 0 (0 = greedy), as in sample.py")
+    if cfg['top_k'] is not None and cfg['top_k'] < 1:  # as sample.py: None = the whole vocabulary
+        die(f"--top_k={cfg['top_k']} must be at least 1, or None to use the whole vocabulary")
+    if not 0 < cfg['mb'] < math.inf:
+        die(f"--mb={cfg['mb']} must be a finite number > 0: the MB of text to tokenize")
+    if cfg['what'] == 'prepare' and not os.path.isfile(cfg['text']):
+        die(f"--text={cfg['text']} {'is a folder' if os.path.isdir(cfg['text']) else 'not found'}: pass a text "
+            f"file in the TinyStories layout (stories each followed by a line <|endoftext|>), "
+            f"e.g. ../shared/data/tinystories/train.txt")
+    if not 0 <= cfg['seed'] < 2**63:  # torch.manual_seed takes 64-bit seeds
+        die(f"--seed={cfg['seed']} must be between 0 and 2**63 - 1")
+    if cfg['json']:  # written at the end: find out now, not after minutes of measuring
+        check_writable(cfg['json'], '--json', folder=False)
+
+
+def main(argv=None):
+    cfg = parse_config(config_defaults(globals()), argv, nullable=('top_k',))
+    check_config(cfg)
     dev = pick_device(cfg['device'])
     precision = pick_dtype(cfg['dtype'], dev)
     torch.set_num_threads(cfg['threads'] or num_cores())
     print(header(cfg, dev, precision), flush=True)
-    results = modes[cfg['what']](cfg, dev, precision)
+    results = MODES[cfg['what']](cfg, dev, precision)
     if cfg['json']:
+        os.makedirs(os.path.dirname(os.path.abspath(cfg['json'])), exist_ok=True)
         save_json({'header': header(cfg, dev, precision), 'config': cfg, **results}, cfg['json'])
 
 

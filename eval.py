@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 import common
-from common import (atomic_write, autocast, config_defaults, die, get_tokenizer,
+from common import (atomic_write, autocast, check_writable, config_defaults, die, get_tokenizer,
                     load_model, open_split, parse_config, pick_device, pick_dtype)
 from plot import plot_log, read_log
 
@@ -395,25 +395,61 @@ Last {min(10, len(log))} of {len(log)} evaluations in `log.jsonl`:
 
 # -----------------------------------------------------------------------------
 
+def check_config(cfg):
+    """Bad flag values stop here, with one line, before the model or any data is loaded."""
+    for key in ('batch_size', 'max_new_tokens'):
+        if cfg[key] < 1:
+            die(f"--{key}={cfg[key]} must be at least 1")
+    for key, zero in (('block_size', "the model's context"), ('stride', 'block_size: no overlap'),
+                      ('num_samples', 'no stories'), ('show', 'print none')):
+        if cfg[key] < 0:
+            die(f"--{key}={cfg[key]} is negative: use 0 ({zero}) or more")
+    if cfg['block_size'] and cfg['stride'] > cfg['block_size']:  # windows would skip tokens
+        die(f"--stride={cfg['stride']} must be between 1 and the block size {cfg['block_size']}")
+    if cfg['max_new_tokens'] > 1_000_000:  # generate allocates all the tokens' room up front
+        die(f"--max_new_tokens={cfg['max_new_tokens']} is more than 1,000,000: ask for fewer tokens")
+    if not 0 <= cfg['temperature'] < math.inf or not 0 < cfg['top_p'] <= 1 or (cfg['top_k'] or 0) < 0:
+        die("sampling needs a finite --temperature >= 0, 0 < --top_p <= 1 and --top_k >= 0 (0 or None = off)")
+    if not 0 <= cfg['seed'] < 2**63:  # torch.manual_seed takes 64-bit seeds
+        die(f"--seed={cfg['seed']} must be between 0 and 2**63 - 1")
+    if cfg['data'] and cfg['text_files']:
+        die("pass either --data=FILE.bin or --text_files=A.txt,B.txt, not both")
+    if cfg['report'] and cfg['text_files']:
+        die("--report evaluates a .bin (--data); drop --text_files")
+    if cfg['data'] and not os.path.isfile(cfg['data']):
+        kind = 'a folder, not a .bin file' if os.path.isdir(cfg['data']) else 'no such file'
+        die(f"no data at {cfg['data']} ({kind}): run `python prepare.py` or pass --data=FILE.bin / --text_files=A.txt")
+    text_files = [p for p in cfg['text_files'].split(',') if p]
+    if cfg['text_files'] and not text_files:
+        die(f"--text_files={cfg['text_files']!r} names no file: pass comma-separated paths")
+    for path in text_files:
+        if not os.path.isfile(path):
+            die(f"text file {path} {'is a folder' if os.path.isdir(path) else 'not found'}: "
+                f"--text_files takes comma-separated paths of text files")
+    if not cfg['ckpt'] and os.path.isfile(cfg['out_dir']):
+        die(f"--out_dir={cfg['out_dir']} is a file, not a run folder: pass the folder train.py wrote, "
+            f"or the checkpoint itself as --ckpt=FILE")
+    if cfg['report']:  # report.md and loss_curve.png are written at the end: find out now
+        check_writable(cfg['out_dir'], '--out_dir')
+        for name in ('report.md', 'loss_curve.png'):
+            if os.path.isdir(os.path.join(cfg['out_dir'], name)):
+                die(f"{os.path.join(cfg['out_dir'], name)} is a folder, so --report cannot write it: "
+                    f"move it away or pick another --out_dir")
+
+
 def main(argv=None):
-    cfg = parse_config(config_defaults(globals()), argv)
+    cfg = parse_config(config_defaults(globals()), argv, nullable=('top_k',))
+    check_config(cfg)
     dev = pick_device(cfg['device'])
     dt = pick_dtype(cfg['dtype'], dev)
     ckpt_path = cfg['ckpt'] or os.path.join(cfg['out_dir'], 'best_model_params.pt')
-    if cfg['temperature'] < 0 or not 0 < cfg['top_p'] <= 1 or (cfg['top_k'] or 0) < 0 or cfg['max_new_tokens'] < 1:
-        die("sampling needs --temperature >= 0, 0 < --top_p <= 1, --top_k >= 0 (0 or None = off) "
-            "and --max_new_tokens >= 1")
     gen = dict(max_new_tokens=cfg['max_new_tokens'], temperature=cfg['temperature'], top_k=cfg['top_k'],
                top_p=cfg['top_p'], seed=cfg['seed'])
     if cfg['report']:
-        if cfg['text_files']:
-            die("--report evaluates a .bin (--data); drop --text_files")
         path = write_report(cfg['out_dir'], ckpt_path, cfg['data'], dev, dt, cfg['batch_size'],
                             cfg['num_samples'], **gen)
         print(f"wrote {path}")
         return
-    if cfg['data'] and cfg['text_files']:
-        die("pass either --data=FILE.bin or --text_files=A.txt,B.txt, not both")
     model, ck = load_model(ckpt_path, dev)
     if cfg['text_files']:
         source = cfg['text_files']

@@ -27,7 +27,8 @@ from functools import lru_cache
 
 import torch
 
-from common import EOT_TOKEN, clean_state_dict, config_defaults, die, get_tokenizer, parse_config, read_checkpoint
+from common import (EOT_TOKEN, check_writable, clean_state_dict, config_defaults, die, get_tokenizer, parse_config,
+                    read_checkpoint)
 from model import GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -274,6 +275,20 @@ def write_folder(folder, checkpoint, ckpt_path):
         f.write(model_card(checkpoint, ckpt_path, n_params))
 
 
+def check_out(out_path, force=False, ckpt_path=''):
+    """Stop, with one line and nothing written, unless out_path can take the export: a new or
+    empty folder in a writable place, or with force an earlier export."""
+    check_writable(out_path, '--out')
+    if os.path.isdir(out_path) and os.listdir(out_path):
+        if not force:
+            die(f"{out_path} already exists and is not empty: pass --force to replace it, or pick another --out")
+        if not os.path.isfile(os.path.join(out_path, 'config.json')):
+            die(f"{out_path} does not look like an exported model (no config.json): refusing to replace it "
+                f"even with --force; pick another --out")
+        if ckpt_path and os.path.abspath(ckpt_path).startswith(os.path.abspath(out_path) + os.sep):
+            die(f"the checkpoint {ckpt_path} is inside --out={out_path}: --force would delete it; pick another --out")
+
+
 def export(checkpoint, out_path, force=False, ckpt_path=''):
     """Write checkpoint (a dict with 'model' and 'model_args') to out_path as an HF GPT-2 folder.
 
@@ -292,17 +307,7 @@ def export(checkpoint, out_path, force=False, ckpt_path=''):
         die(f"{source} has vocab_size={a['vocab_size']} < {GPT2_VOCAB}: the exported GPT-2 tokenizer "
             f"would produce ids the model has no embedding for")
     out_path = os.path.normpath(out_path)
-    if os.path.exists(out_path):
-        if not os.path.isdir(out_path):
-            die(f"--out={out_path} is a file: pick a folder path")
-        if os.listdir(out_path):
-            if not force:
-                die(f"{out_path} already exists and is not empty: pass --force to replace it, or pick another --out")
-            if not os.path.isfile(os.path.join(out_path, 'config.json')):
-                die(f"{out_path} does not look like an exported model (no config.json): refusing to replace it "
-                    f"even with --force; pick another --out")
-            if ckpt_path and os.path.abspath(ckpt_path).startswith(os.path.abspath(out_path) + os.sep):
-                die(f"the checkpoint {ckpt_path} is inside --out={out_path}: --force would delete it; pick another --out")
+    check_out(out_path, force, ckpt_path)
     parent = os.path.dirname(os.path.abspath(out_path))
     os.makedirs(parent, exist_ok=True)
     tmp, old = f"{out_path}.tmp{os.getpid()}", f"{out_path}.old.tmp{os.getpid()}"
@@ -405,8 +410,18 @@ def load_hf_folder(folder):
     return {'model': state_dict, 'model_args': a}
 
 
+def check_config(cfg):
+    """Bad flag values stop here, with one line, before the checkpoint is read."""
+    if not cfg['ckpt']:
+        die("--ckpt is empty: pass the checkpoint to export, e.g. --ckpt=out/best_model_params.pt")
+    if not cfg['out']:
+        die("--out is empty: pass the folder to write, e.g. --out=export/slm-hf")
+    check_out(os.path.normpath(cfg['out']), cfg['force'], cfg['ckpt'])
+
+
 def main(argv=None):
     cfg = parse_config(config_defaults(globals()), argv)
+    check_config(cfg)
     checkpoint = read_checkpoint(cfg['ckpt'])
     folder = export(checkpoint, cfg['out'], force=cfg['force'], ckpt_path=cfg['ckpt'])
     files = sorted(os.listdir(folder))

@@ -9,7 +9,7 @@ run it yourself to look at a run in progress:
 import json
 import os
 
-from common import atomic_write, config_defaults, die, parse_config
+from common import atomic_write, check_writable, config_defaults, die, parse_config
 
 out_dir = 'out'
 
@@ -19,7 +19,7 @@ def read_log(path):
     if not os.path.isfile(path):
         die(f"{path} not found: train.py writes it at every evaluation (pass --out_dir=FOLDER of a run)")
     rows = []
-    with open(path) as f:
+    with open(path, encoding='utf-8', errors='replace') as f:  # bad bytes fail as a bad row below
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -60,8 +60,17 @@ def plot_log(out_dir):
     return path
 
 
+def check_config(cfg):
+    """A place the PNG cannot be written stops here, with one line, before any drawing."""
+    check_writable(cfg['out_dir'], '--out_dir')
+    png = os.path.join(cfg['out_dir'], 'loss_curve.png')
+    if os.path.isdir(png):
+        die(f"{png} is a folder, so the plot cannot be written there: move it away or pick another --out_dir")
+
+
 def main(argv=None):
     cfg = parse_config(config_defaults(globals()), argv)
+    check_config(cfg)
     print(f"wrote {plot_log(cfg['out_dir'])}")
 
 

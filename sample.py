@@ -11,6 +11,7 @@ before each story) and ends at the model's next <|endoftext|> or after max_new_t
 The text goes to stdout; warnings and the speed summary go to stderr.
 """
 import codecs
+import math
 import os
 import sys
 import time
@@ -40,14 +41,26 @@ fast_window = False      # past block_size keep half the window instead of re-ru
 
 
 def check_config(cfg):
+    """Bad flag values stop here, with one line, before the model is loaded."""
     if cfg['temperature'] < 0:
         die(f"--temperature={cfg['temperature']} is negative: use 0 for greedy or a positive value like 0.8")
+    if math.isinf(cfg['temperature']):  # every token equally likely: noise, not text
+        die(f"--temperature={cfg['temperature']} is infinite: use a finite value like 0.8")
     if not 0 < cfg['top_p'] <= 1:
         die(f"--top_p={cfg['top_p']} is outside (0, 1]: use e.g. 0.9, or 1.0 to switch nucleus sampling off")
     if cfg['top_k'] is not None and (not isinstance(cfg['top_k'], int) or cfg['top_k'] < 1):
         die(f"--top_k={cfg['top_k']!r} must be a whole number >= 1, or None to use the whole vocabulary")
     if cfg['num_samples'] < 1 or cfg['max_new_tokens'] < 1:
         die("--num_samples and --max_new_tokens must be at least 1")
+    if cfg['max_new_tokens'] > 1_000_000:  # generate allocates all the tokens' room up front
+        die(f"--max_new_tokens={cfg['max_new_tokens']} is more than 1,000,000: ask for fewer tokens")
+    if not 0 <= cfg['seed'] < 2**63:  # torch.manual_seed takes 64-bit seeds
+        die(f"--seed={cfg['seed']} must be between 0 and 2**63 - 1")
+    if cfg['fast_window'] and not cfg['kv_cache']:  # the no-cache loop has no window to halve
+        die("--fast_window=True needs the kv cache: drop --kv_cache=False or --fast_window")
+    if not cfg['ckpt'] and os.path.isfile(cfg['out_dir']):
+        die(f"--out_dir={cfg['out_dir']} is a file, not a run folder: pass the folder train.py wrote, "
+            f"or the checkpoint itself as --ckpt=FILE")
 
 
 def read_prompt(start):
@@ -79,8 +92,9 @@ def print_story(enc, token_ids, out):
 
 
 def main(argv=None):
-    cfg = parse_config(config_defaults(globals()), argv)
+    cfg = parse_config(config_defaults(globals()), argv, nullable=('top_k',))
     check_config(cfg)
+    prompt = read_prompt(cfg['start'])  # a bad prompt file stops before the model loads
     dev = pick_device(cfg['device'])
     precision = pick_dtype(cfg['dtype'], dev)
     torch.manual_seed(cfg['seed'])
@@ -93,7 +107,6 @@ def main(argv=None):
     block_size = model.config.block_size
 
     # the prompt follows an <|endoftext|>, as a story does in the training data
-    prompt = read_prompt(cfg['start'])
     prompt_ids = enc.encode(prompt, allowed_special={'<|endoftext|>'})
     if len(prompt_ids) > block_size:
         print(f"warning: the prompt is {len(prompt_ids)} tokens, longer than the model's block_size "
