@@ -31,38 +31,38 @@ from model import GPT, GPTConfig, linear
 # -----------------------------------------------------------------------------
 what = 'peak'           # peak | train | sample | prepare
 # the model: the seed config
-n_layer = 6
-n_head = 6
-n_embd = 384
-block_size = 128
-vocab_size = 50257
-dropout = 0.1
-bias = True
+n_layer = 6             # transformer blocks
+n_head = 6              # attention heads per block
+n_embd = 384            # width of the residual stream
+block_size = 128        # context length in tokens
+vocab_size = 50257      # GPT-2's BPE
+dropout = 0.1           # as in training (on while timing the train step)
+bias = True             # biases in Linear and LayerNorm layers
 # train
-batch_size = 32
-gradient_accumulation_steps = 1
+batch_size = 32         # sequences per micro-batch
+gradient_accumulation_steps = 1  # micro-batches per timed step
 warmup = 2              # untimed steps first (allocations, compile, caches)
 iters = 3               # timed steps per repeat (more on GPUs: --iters=50)
 repeats = 3             # runs of every timed figure (sample: fewer once one took 5 s); best and median reported
 # sample
 batches = '1,8'         # batch sizes to generate at
 new_tokens = '100,200,500'  # new tokens per row; past block_size - prompt_tokens the window slides
-prompt_tokens = 10
+prompt_tokens = 10      # tokens of the prompt before the new ones
 temperature = 0.8       # as sample.py
-top_k = 200
+top_k = 200             # as sample.py (None = all tokens)
 nocache = True          # also time nanoGPT's no-cache loop (the reference; slow at batch 8)
 # prepare
 text = '../shared/data/tinystories/train.txt'  # a TinyStories-layout file, replicated to mb MB
-mb = 100.0
+mb = 100.0              # MB of text to tokenize
 # peak
 gemm_size = 0           # square GEMM side; 0 = 8192 on CUDA, 2048 elsewhere
 copy_mb = 0             # bandwidth buffer; 0 = 1024 MB on CUDA, 256 MB elsewhere (> L3 caches)
 # machine
 device = 'auto'         # auto = cuda, else mps, else cpu
 dtype = 'auto'          # float32, bfloat16, float16; auto = bf16/fp16 on GPUs, fp32 elsewhere
-compile = False
+compile = False         # torch.compile the model first
 threads = 0             # torch threads (and prepare's processes); 0 = all cores
-seed = 1337
+seed = 1337             # random weights and tokens
 json = ''               # also write the figures to this JSON file
 # -----------------------------------------------------------------------------
 
@@ -505,7 +505,7 @@ def check_config(cfg):
 
 
 def main(argv=None):
-    cfg = parse_config(config_defaults(globals()), argv, nullable=('top_k',))
+    cfg = parse_config(config_defaults(globals()), argv, nullable=('top_k',), script=__file__)
     check_config(cfg)
     dev = pick_device(cfg['device'])
     precision = pick_dtype(cfg['dtype'], dev)

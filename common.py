@@ -6,6 +6,7 @@ data on disk and checkpoints. Kept in one place so the scripts stay short.
 import ast
 import json
 import os
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -41,11 +42,41 @@ def _check_type(key, value, default, source, nullable):
         f"got {type(value).__name__} {value!r}")
 
 
-def parse_config(defaults, argv=None, nullable=()):
+def config_meanings(script):
+    """{key: the comment beside its default} in a script's config block: --help prints these,
+    so the documentation of a flag is the one comment in the code. An indented comment line
+    right below continues the comment above it."""
+    meanings, key = {}, None
+    with open(script) as f:
+        for line in f:
+            m = re.match(r"(\w+) = [^#]*#\s*(.*)", line)
+            if m:
+                key = m.group(1)
+                meanings[key] = m.group(2).strip()
+            elif key and re.match(r"\s+#", line):
+                meanings[key] += ' ' + line.strip().lstrip('#').strip()
+            else:
+                key = None
+    return meanings
+
+
+def print_help(defaults, script):
+    """Every key with its default and its meaning, in the order the script defines them."""
+    meanings = config_meanings(script) if script else {}
+    flags = {k: f"--{k}={v!r}" for k, v in defaults.items()}
+    width = max(map(len, flags.values()))
+    print(f"usage: python {os.path.basename(script or 'script.py')} [config.py ...] [--key=value ...]\n"
+          f"Config files (Python) are applied first, then the flags. Keys, defaults and meanings:")
+    for k, flag in flags.items():
+        print(f"  {flag:<{width}}  {meanings.get(k, '')}".rstrip())
+
+
+def parse_config(defaults, argv=None, nullable=(), script=None):
     """Apply config files (positional args) then --key=value flags to a copy of defaults.
 
     Unknown keys and wrong types stop with a message listing the valid keys; None is a value
-    only for the keys in nullable (and those whose default is None).
+    only for the keys in nullable (and those whose default is None). --help prints every key
+    with its default and the comment beside it in script (the caller's __file__).
     A config file is plain Python whose top-level assignments set config keys.
     """
     argv = sys.argv[1:] if argv is None else argv
@@ -53,9 +84,7 @@ def parse_config(defaults, argv=None, nullable=()):
     valid = ", ".join(sorted(defaults))
     for arg in argv:
         if arg in ('-h', '--help'):
-            print("usage: [config.py ...] [--key=value ...]\nkeys and defaults:")
-            for k in sorted(defaults):
-                print(f"  --{k}={defaults[k]!r}")
+            print_help(defaults, script)
             sys.exit(0)
         if not arg.startswith('--'):
             if not os.path.isfile(arg):

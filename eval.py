@@ -48,10 +48,10 @@ block_size = 0         # window length; 0 = the model's context length
 stride = 0             # tokens between window starts; 0 = block_size (no overlap)
 num_samples = 10       # stories for the quality figures; 0 skips them
 max_new_tokens = 200   # a story that has not ended by then counts as not ended
-temperature = 0.8
-top_k = 200
+temperature = 0.8      # for the quality stories, as sample.py
+top_k = 200            # 0 or None = all tokens
 top_p = 1.0            # 1.0 = off
-seed = 1337
+seed = 1337            # story i is drawn with seed + i
 show = 3               # stories to print
 report = False         # write out_dir/report.md instead of printing an evaluation
 device = 'auto'        # auto, cpu, cuda, cuda:1, mps
@@ -438,7 +438,7 @@ def check_config(cfg):
 
 
 def main(argv=None):
-    cfg = parse_config(config_defaults(globals()), argv, nullable=('top_k',))
+    cfg = parse_config(config_defaults(globals()), argv, nullable=('top_k',), script=__file__)
     check_config(cfg)
     dev = pick_device(cfg['device'])
     dt = pick_dtype(cfg['dtype'], dev)

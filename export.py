@@ -420,7 +420,7 @@ def check_config(cfg):
 
 
 def main(argv=None):
-    cfg = parse_config(config_defaults(globals()), argv)
+    cfg = parse_config(config_defaults(globals()), argv, script=__file__)
     check_config(cfg)
     checkpoint = read_checkpoint(cfg['ckpt'])
     folder = export(checkpoint, cfg['out'], force=cfg['force'], ckpt_path=cfg['ckpt'])

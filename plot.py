@@ -11,7 +11,7 @@ import os
 
 from common import atomic_write, check_writable, config_defaults, die, parse_config
 
-out_dir = 'out'
+out_dir = 'out'  # the run folder: reads log.jsonl, writes loss_curve.png
 
 
 def read_log(path):
@@ -69,7 +69,7 @@ def check_config(cfg):
 
 
 def main(argv=None):
-    cfg = parse_config(config_defaults(globals()), argv)
+    cfg = parse_config(config_defaults(globals()), argv, script=__file__)
     check_config(cfg)
     print(f"wrote {plot_log(cfg['out_dir'])}")
 

@@ -34,7 +34,7 @@ from common import check_writable, config_defaults, die, get_tokenizer, parse_co
 
 # -----------------------------------------------------------------------------
 # config (python prepare.py --key=value)
-out_dir = 'data/tinystories'
+out_dir = 'data/tinystories'  # writes train.bin, val.bin and meta.json here
 dataset = 'roneneldan/TinyStories'  # Hugging Face dataset (or local folder) used without --train_files
 train_files = ''  # comma-separated local text files in the TinyStories layout ...
 val_files = ''    # ... give both to prepare offline or from your own stories
@@ -418,7 +418,7 @@ def check_config(cfg):
 
 
 def main(argv=None):
-    cfg = parse_config(config_defaults(globals()), argv)
+    cfg = parse_config(config_defaults(globals()), argv, script=__file__)
     check_config(cfg)
     try:
         if cfg['train_files']:

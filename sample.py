@@ -25,12 +25,12 @@ from common import (autocast, config_defaults, die, get_tokenizer, load_model,
 out_dir = 'out'          # reads out_dir/best_model_params.pt, the best checkpoint train.py saved
 ckpt = ''                # a checkpoint file (or exported folder) to use instead
 start = ''               # the prompt, or FILE:path to read it from a file; '' = a story from scratch
-num_samples = 3
+num_samples = 3          # stories to write, one after another
 max_new_tokens = 300     # per sample; most TinyStories stories end well before
 temperature = 0.8        # 0 = greedy (always the most likely token); higher = more varied
 top_k = 200              # sample among the top_k most likely tokens only (None = all)
 top_p = 1.0              # nucleus: among the fewest tokens whose probabilities reach top_p (1.0 = off)
-seed = 1337
+seed = 1337              # the same seed and flags give the same stories
 device = 'auto'          # auto = cuda, else mps, else cpu
 dtype = 'auto'           # float32, bfloat16 or float16; auto = bf16/fp16 on GPUs, fp32 elsewhere
 compile = False          # torch.compile the per-token step (PyTorch 2; a slow first sample)
@@ -92,7 +92,7 @@ def print_story(enc, token_ids, out):
 
 
 def main(argv=None):
-    cfg = parse_config(config_defaults(globals()), argv, nullable=('top_k',))
+    cfg = parse_config(config_defaults(globals()), argv, nullable=('top_k',), script=__file__)
     check_config(cfg)
     prompt = read_prompt(cfg['start'])  # a bad prompt file stops before the model loads
     dev = pick_device(cfg['device'])

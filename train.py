@@ -31,7 +31,7 @@ from model import GPT, GPTConfig
 # -----------------------------------------------------------------------------
 # default config: the seed recipe (a 6-layer, 6-head, 384-wide GPT on TinyStories)
 # I/O
-out_dir = 'out'
+out_dir = 'out'                  # checkpoints, log.jsonl, loss_curve.png and report.md go here
 data_dir = 'data/tinystories'    # train.bin, val.bin and meta.json from prepare.py
 eval_interval = 500              # optimizer steps between evaluations + checkpoints
 log_interval = 10                # optimizer steps between progress lines
@@ -39,31 +39,31 @@ eval_iters = 200                 # batches per split in each evaluation
 eval_only = False                # evaluate once and exit
 always_save_checkpoint = True    # ckpt.pt at every eval (False: only when val loss improves)
 init_from = 'scratch'            # 'scratch' or 'resume' (from out_dir/ckpt.pt)
-seed = 1337
+seed = 1337                      # dropout and data windows (rank r uses seed + r)
 # data
 gradient_accumulation_steps = 8  # micro-batches per optimizer step, summed over all processes
 batch_size = 32                  # sequences per micro-batch
 block_size = 128                 # tokens per sequence
 # model
-n_layer = 6
-n_head = 6
-n_embd = 384
-dropout = 0.1
-bias = True
+n_layer = 6                      # transformer blocks
+n_head = 6                       # attention heads per block (must divide n_embd)
+n_embd = 384                     # width of the residual stream
+dropout = 0.1                    # on embeddings, attention and residual outputs while training
+bias = True                      # biases in Linear and LayerNorm layers, as GPT-2
 # AdamW
 learning_rate = 5e-4             # peak LR after warmup
 max_iters = 20000                # optimizer steps (32 x 128 x 8 = 32,768 tokens each: 655M in all)
-weight_decay = 0.1
-beta1 = 0.9
-beta2 = 0.95
+weight_decay = 0.1               # AdamW decay on matrices and embeddings (not biases, norms)
+beta1 = 0.9                      # AdamW's moving-average factor for the gradient
+beta2 = 0.95                     # ... and for the squared gradient
 grad_clip = 0.5                  # clip the global gradient norm to this (0: off)
 # LR schedule: linear warmup, then cosine decay to min_lr, one step per optimizer step
-decay_lr = True
-warmup_iters = 1000
+decay_lr = True                  # False: a flat learning_rate, no warmup or decay
+warmup_iters = 1000              # steps of linear warmup (cut to a tenth of a shorter run)
 lr_decay_iters = 0               # step where the decay reaches min_lr; 0: max_iters
 # The seed notebook set learning_rate=1e-4 and min_lr=5e-4, so its "decay" raised the LR
 # 5x (and it stepped the scheduler per micro-batch). Here min_lr is a tenth of the peak.
-min_lr = 5e-5
+min_lr = 5e-5                    # the LR at the end of the cosine decay
 # system
 device = 'auto'                  # auto: cuda, else mps, else cpu; or cpu, cuda, cuda:1, mps
 dtype = 'auto'                   # auto: bfloat16 on GPUs that have it, else float16; float32 on CPU
@@ -190,7 +190,7 @@ def format_eta(seconds):
 
 
 def main(argv=None):
-    cfg = parse_config(config_defaults(globals()), argv)
+    cfg = parse_config(config_defaults(globals()), argv, script=__file__)
     warnings = check_config(cfg)
 
     # processes: one per device under torchrun (RANK/WORLD_SIZE set), else just this one

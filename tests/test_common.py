@@ -1,6 +1,8 @@
 """common.py: the config flags, errors, atomic files and checked loading every script relies on."""
+import importlib
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -142,3 +144,19 @@ def test_a_tokenizer_download_that_never_answers_fails_in_one_line(tmp_path):
     assert time.time() - t0 < 30
     assert r.returncode == 1 and r.stderr.startswith('error:') and len(r.stderr.strip().splitlines()) == 1
     assert 'no answer in 2 s' in r.stderr and 'TIKTOKEN_CACHE_DIR' in r.stderr
+
+
+@pytest.mark.parametrize('script', ['prepare', 'train', 'sample', 'eval', 'export', 'plot', 'bench'])
+def test_help_lists_every_key_with_its_default_and_meaning(script, capsys):
+    """--help is the reference for the flags: every key, its default, and the comment beside
+    the default in the script, one line each; exit code 0."""
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as e:
+        module.main(['--help'])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f'usage: python {script}.py [config.py ...] [--key=value ...]')
+    for key, default in common.config_defaults(vars(module)).items():
+        m = re.search(rf'^  --{key}=(\S+) +(\S.*)$', out, re.M)
+        assert m, f"--{key} has no line with a meaning in {script}.py --help"
+        assert m.group(1) == repr(default)
