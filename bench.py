@@ -26,7 +26,7 @@ import torch
 
 from common import (autocast, check_writable, config_defaults, die, matmul_flops, parse_config, peak_memory,
                     pick_device, pick_dtype, save_json, sync, timed)
-from model import GPT, GPTConfig, linear
+from model import GPT, GPTConfig, linear, sampling_problem
 
 # -----------------------------------------------------------------------------
 what = 'peak'           # peak | train | sample | prepare
@@ -49,7 +49,7 @@ batches = '1,8'         # batch sizes to generate at
 new_tokens = '100,200,500'  # new tokens per row; past block_size - prompt_tokens the window slides
 prompt_tokens = 10      # tokens of the prompt before the new ones
 temperature = 0.8       # as sample.py
-top_k = 200             # as sample.py (None = all tokens)
+top_k = 200             # as sample.py (0 or None = all tokens)
 nocache = True          # also time nanoGPT's no-cache loop (the reference; slow at batch 8)
 # prepare
 text = '../shared/data/tinystories/train.txt'  # a TinyStories-layout file, replicated to mb MB
@@ -488,10 +488,9 @@ def check_config(cfg):
     int_list(cfg, 'new_tokens')
     if cfg['what'] == 'sample' and cfg['prompt_tokens'] > cfg['block_size']:
         die(f"--prompt_tokens={cfg['prompt_tokens']} must be between 1 and block_size ({cfg['block_size']})")
-    if not 0 <= cfg['temperature'] < math.inf:
-        die(f"--temperature={cfg['temperature']} must be a finite number >= 0 (0 = greedy), as in sample.py")
-    if cfg['top_k'] is not None and cfg['top_k'] < 1:  # as sample.py: None = the whole vocabulary
-        die(f"--top_k={cfg['top_k']} must be at least 1, or None to use the whole vocabulary")
+    problem = sampling_problem(cfg['temperature'], cfg['top_k'], None)
+    if problem:
+        die(f"--{problem}")
     if not 0 < cfg['mb'] < math.inf:
         die(f"--mb={cfg['mb']} must be a finite number > 0: the MB of text to tokenize")
     if cfg['what'] == 'prepare' and not os.path.isfile(cfg['text']):

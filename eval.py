@@ -36,6 +36,7 @@ import torch
 import common
 from common import (atomic_write, autocast, check_writable, config_defaults, die, get_tokenizer,
                     load_model, open_split, parse_config, pick_device, pick_dtype)
+from model import sampling_problem
 from plot import plot_log, read_log
 
 # -----------------------------------------------------------------------------
@@ -408,8 +409,9 @@ def check_config(cfg):
         die(f"--stride={cfg['stride']} must be between 1 and the block size {cfg['block_size']}")
     if cfg['max_new_tokens'] > 1_000_000:  # generate allocates all the tokens' room up front
         die(f"--max_new_tokens={cfg['max_new_tokens']} is more than 1,000,000: ask for fewer tokens")
-    if not 0 <= cfg['temperature'] < math.inf or not 0 < cfg['top_p'] <= 1 or (cfg['top_k'] or 0) < 0:
-        die("sampling needs a finite --temperature >= 0, 0 < --top_p <= 1 and --top_k >= 0 (0 or None = off)")
+    problem = sampling_problem(cfg['temperature'], cfg['top_k'], cfg['top_p'])
+    if problem:
+        die(f"--{problem}")
     if not 0 <= cfg['seed'] < 2**63:  # torch.manual_seed takes 64-bit seeds
         die(f"--seed={cfg['seed']} must be between 0 and 2**63 - 1")
     if cfg['data'] and cfg['text_files']:

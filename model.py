@@ -385,12 +385,9 @@ class GPT(nn.Module):
         B, T = idx.shape
         if T == 0:
             raise ValueError("generate needs a prompt of at least one token (e.g. <|endoftext|>)")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+        problem = sampling_problem(temperature, top_k, top_p)
+        if problem:
+            raise ValueError(problem)
         block_size = self.config.block_size
         tokens = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
         tokens[:, :T] = idx
@@ -421,6 +418,19 @@ class GPT(nn.Module):
                 return
 
 
+def sampling_problem(temperature, top_k, top_p):
+    """What is wrong with these sampling options, in one line, or None: the one rule that
+    generate, sample.py, eval.py and bench.py all apply. top_k 0 or None and top_p 1 or None
+    switch those filters off."""
+    if not 0 <= temperature < math.inf:
+        return f"temperature={temperature} must be a finite number >= 0 (0 = greedy; 0.8 is typical)"
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
+        return f"top_k={top_k!r} must be a whole number >= 1, or 0 / None for all tokens"
+    if top_p is not None and not 0 < top_p <= 1:
+        return f"top_p={top_p} must be in (0, 1], e.g. 0.9 (1.0 or None = off)"
+    return None
+
+
 def sample_logits(logits, temperature=1.0, top_k=None, top_p=None):
     """One token id per row of logits (B, V): argmax at temperature 0, else a draw from
     softmax(logits / temperature) restricted to the top_k most likely tokens and then to
@@ -428,9 +438,9 @@ def sample_logits(logits, temperature=1.0, top_k=None, top_p=None):
     if temperature == 0:
         return logits.argmax(dim=-1)
     nucleus = top_p is not None and top_p < 1.0
-    if top_k is None and not nucleus:
+    if not top_k and not nucleus:  # top_k 0 or None: all tokens
         return draw(F.softmax(logits.float() / temperature, dim=-1))
-    if top_k is not None:
+    if top_k:
         # the top_k are the same before and after dividing by temperature: divide only them
         top_logits, top_idx = torch.topk(logits, min(top_k, logits.size(-1)))  # most likely first
         probs = F.softmax(top_logits.float() / temperature, dim=-1)

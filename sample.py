@@ -11,7 +11,6 @@ before each story) and ends at the model's next <|endoftext|> or after max_new_t
 The text goes to stdout; warnings and the speed summary go to stderr.
 """
 import codecs
-import math
 import os
 import sys
 import time
@@ -20,6 +19,7 @@ import torch
 
 from common import (autocast, config_defaults, die, get_tokenizer, load_model,
                     parse_config, pick_device, pick_dtype)
+from model import sampling_problem
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'          # reads out_dir/best_model_params.pt, the best checkpoint train.py saved
@@ -28,7 +28,7 @@ start = ''               # the prompt, or FILE:path to read it from a file; '' =
 num_samples = 3          # stories to write, one after another
 max_new_tokens = 300     # per sample; most TinyStories stories end well before
 temperature = 0.8        # 0 = greedy (always the most likely token); higher = more varied
-top_k = 200              # sample among the top_k most likely tokens only (None = all)
+top_k = 200              # sample among the top_k most likely tokens only (0 or None = all)
 top_p = 1.0              # nucleus: among the fewest tokens whose probabilities reach top_p (1.0 = off)
 seed = 1337              # the same seed and flags give the same stories
 device = 'auto'          # auto = cuda, else mps, else cpu
@@ -42,14 +42,9 @@ fast_window = False      # past block_size keep half the window instead of re-ru
 
 def check_config(cfg):
     """Bad flag values stop here, with one line, before the model is loaded."""
-    if cfg['temperature'] < 0:
-        die(f"--temperature={cfg['temperature']} is negative: use 0 for greedy or a positive value like 0.8")
-    if math.isinf(cfg['temperature']):  # every token equally likely: noise, not text
-        die(f"--temperature={cfg['temperature']} is infinite: use a finite value like 0.8")
-    if not 0 < cfg['top_p'] <= 1:
-        die(f"--top_p={cfg['top_p']} is outside (0, 1]: use e.g. 0.9, or 1.0 to switch nucleus sampling off")
-    if cfg['top_k'] is not None and (not isinstance(cfg['top_k'], int) or cfg['top_k'] < 1):
-        die(f"--top_k={cfg['top_k']!r} must be a whole number >= 1, or None to use the whole vocabulary")
+    problem = sampling_problem(cfg['temperature'], cfg['top_k'], cfg['top_p'])
+    if problem:
+        die(f"--{problem}")
     if cfg['num_samples'] < 1 or cfg['max_new_tokens'] < 1:
         die("--num_samples and --max_new_tokens must be at least 1")
     if cfg['max_new_tokens'] > 1_000_000:  # generate allocates all the tokens' room up front

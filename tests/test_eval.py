@@ -234,7 +234,7 @@ def test_bad_input_is_one_line(tmp_path, tiny):
     # flags
     msg = error_of(ev.main, [c, '--strid=3'])
     assert 'unknown option --strid' in msg and ' stride,' in msg and 'EOT' not in msg  # only config keys listed
-    assert 'sampling needs' in error_of(ev.main, [c, f'--data={good}', '--top_p=1.5'])
+    assert '--top_p=1.5 must be in (0, 1]' in error_of(ev.main, [c, f'--data={good}', '--top_p=1.5'])
     assert 'not both' in error_of(ev.main, [c, f'--data={good}', f'--text_files={tmp_path}/blank.txt'])
 
     r = run_eval(f'--ckpt={tmp_path}/nope.pt')  # and as a user sees it: exit 1, one line, no traceback

@@ -320,8 +320,20 @@ def test_temperature_zero_is_greedy():
     assert torch.equal(model.generate(idx, 20, temperature=0), model.generate(idx, 20, top_k=1))
 
 
-@pytest.mark.parametrize('kwargs', [dict(temperature=-0.5), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=0)])
+@pytest.mark.parametrize('kwargs', [dict(temperature=-0.5), dict(temperature=float('inf')), dict(top_p=0.0),
+                                    dict(top_p=1.5), dict(top_k=-1), dict(top_k=2.5)])
 def test_bad_sampling_options_raise(kwargs):
     model = tiny_model()
     with pytest.raises(ValueError):
         model.generate(prompts(1, 3), 5, **kwargs)
+
+
+def test_top_k_zero_means_all_tokens_as_none_does():
+    """One meaning of top_k=0 everywhere (generate, sample.py, eval.py, bench.py): no top-k filter."""
+    model = tiny_model()
+    for top_p in (None, 0.9):
+        draws = []
+        for top_k in (0, None):
+            torch.manual_seed(5)
+            draws.append(model.generate(prompts(2, 3), 20, temperature=1.0, top_k=top_k, top_p=top_p))
+        assert torch.equal(*draws)

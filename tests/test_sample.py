@@ -98,10 +98,10 @@ def test_text_is_streamed_whole_characters_at_a_time():
 
 
 @pytest.mark.parametrize('args, message', [
-    (['--top_p=0'], 'error: --top_p=0.0 is outside (0, 1]'),
-    (['--top_p=1.5'], 'error: --top_p=1.5 is outside (0, 1]'),
-    (['--temperature=-1'], 'error: --temperature=-1.0 is negative'),
-    (['--top_k=0'], 'error: --top_k=0 must be a whole number >= 1'),
+    (['--top_p=0'], 'error: --top_p=0.0 must be in (0, 1]'),
+    (['--top_p=1.5'], 'error: --top_p=1.5 must be in (0, 1]'),
+    (['--temperature=-1'], 'error: --temperature=-1.0 must be a finite number >= 0'),
+    (['--top_k=-1'], 'error: --top_k=-1 must be a whole number >= 1, or 0 / None for all tokens'),
     (['--num_samples=0'], 'error: --num_samples and --max_new_tokens must be at least 1'),
     (['--colour=red'], 'error: unknown option --colour'),
     (['--start=FILE:/no/such/prompt.txt'], "error: cannot read the prompt file '/no/such/prompt.txt'"),
