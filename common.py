@@ -264,6 +264,60 @@ def matmul_flops(device, dtype, n=0, repeats=3):
 
 
 # -----------------------------------------------------------------------------
+# the training log: out_dir/log.jsonl, one JSON row per evaluation (train.py writes it)
+
+LOG_COLUMNS = ('iter', 'tokens', 'train_loss', 'val_loss', 'lr')
+
+
+def read_log(path):
+    """The evaluation rows of a train.py log.jsonl, [] if there is none. A line that is not a
+    whole row (one being appended right now, or a damaged one) is skipped, not fatal."""
+    rows = []
+    if not os.path.isfile(path):
+        return rows
+    with open(path, encoding='utf-8', errors='replace') as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and all(k in row for k in LOG_COLUMNS):
+                rows.append(row)
+    return rows
+
+
+def plot_log(out_dir):
+    """Write out_dir/loss_curve.png from out_dir/log.jsonl: train and val loss against tokens
+    seen, the learning rate on a second axis. Returns the PNG's path."""
+    from matplotlib.figure import Figure  # no pyplot: works without a display, changes no global state
+    log_path = os.path.join(out_dir, 'log.jsonl')
+    rows = read_log(log_path)
+    if not rows:
+        die(f"{log_path} holds no evaluations (missing, or none yet): train.py writes a row at every "
+            f"eval_interval; pass --out_dir=FOLDER of a run")
+    tokens = [r['tokens'] / 1e6 for r in rows]
+    fig = Figure(figsize=(8, 5), layout='constrained')
+    ax = fig.subplots()
+    ax.plot(tokens, [r['train_loss'] for r in rows], 'o-', ms=3, label='train loss')
+    ax.plot(tokens, [r['val_loss'] for r in rows], 'o-', ms=3, label='val loss')
+    ax.set_xlabel('tokens seen (millions)')
+    ax.set_ylabel('cross-entropy loss (nats/token)')
+    ax.grid(alpha=0.3)
+    best = min(rows, key=lambda r: r['val_loss'])
+    ax.set_title(f"{os.path.basename(os.path.abspath(out_dir))}: best val loss {best['val_loss']:.4f} "
+                 f"at iter {best['iter']}")
+    lr_ax = ax.twinx()  # the schedule explains the curve's bends
+    lr_ax.plot(tokens, [r['lr'] for r in rows], '--', color='gray', label='learning rate')
+    lr_ax.set_ylabel('learning rate')
+    lr_ax.ticklabel_format(axis='y', style='sci', scilimits=(0, 0))
+    lines = ax.get_lines() + lr_ax.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], loc='upper right')
+    path = os.path.join(out_dir, 'loss_curve.png')
+    atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=120))
+    return path
+
+
+# -----------------------------------------------------------------------------
 # tokenizer
 
 OFFLINE_HELP = ("offline? set TIKTOKEN_CACHE_DIR to a folder holding the GPT-2 BPE files "
@@ -293,20 +347,124 @@ def get_tokenizer(timeout=120):
 
 
 # -----------------------------------------------------------------------------
+# stories: TinyStories-layout text files (each story followed by a line <|endoftext|>)
+
+STORY_SEPARATOR = '<|endoftext|>'
+# prepare.py's worker task size: ~256 KB of text (~300 stories) keeps the per-task overhead
+# small, and the main process's heap small: with 1 MB tasks it fragmented to ~210 MB RSS.
+STORY_CHUNK = 1 << 18  # bytes of a file per piece
+
+
+def check_file(path):
+    """A readable, non-empty text file of stories (prepare.py, eval.py and bench.py read them)."""
+    if not os.path.exists(path):
+        die(f"{path} not found: pass existing text files in the TinyStories layout to --train_files/--val_files")
+    if not os.path.isfile(path):
+        die(f"{path} is not a file: pass text files (comma-separated) to --train_files/--val_files")
+    if os.path.getsize(path) == 0:
+        die(f"{path} is empty: it needs stories, each followed by a line {STORY_SEPARATOR}")
+
+
+def read_chunks(path, size=None):
+    """The text of a TinyStories-layout file in ~size pieces, each ending just after a
+    separator (or at the end of the file), so no story is cut and RAM stays flat.
+
+    Dies on a missing or empty file, invalid UTF-8 and a file with no stories.
+    """
+    check_file(path)
+    size = size or STORY_CHUNK
+    sep = STORY_SEPARATOR.encode()
+    buf, offset, has_story = bytearray(), 0, False
+    try:
+        f = open(path, 'rb')
+    except OSError as e:
+        die(f"cannot read {path} ({e.strerror}): check the path and its permissions")
+    with f:
+        while True:
+            block = f.read(size)
+            search_from = max(0, len(buf) - len(sep) + 1)  # only the new bytes can hold a new separator
+            buf += block
+            if block:
+                cut = buf.rfind(sep, search_from)
+                if cut < 0:
+                    continue  # a story longer than a block: read on
+                cut += len(sep)
+            else:
+                cut = len(buf)  # the end: whatever follows the last separator is a story too
+            try:
+                text = buf[:cut].decode('utf-8')  # a cut after ASCII never splits a character
+            except UnicodeDecodeError as e:
+                die(f"{path} is not valid UTF-8 (bad byte at offset {offset + e.start}): convert it to UTF-8 text")
+            if offset == 0:
+                text = text.removeprefix('\ufeff')  # a byte-order mark is not part of the story
+            del buf[:cut]
+            offset += cut
+            has_story = has_story or bool(text.replace(STORY_SEPARATOR, '').strip())
+            if text:
+                yield text
+            if not block:
+                break
+    if not has_story:
+        die(f"{path} holds no stories (only whitespace and {STORY_SEPARATOR} lines): "
+            f"it needs text, each story followed by a line {STORY_SEPARATOR}")
+
+
+def split_stories(text):
+    """The stripped, non-empty stories in a piece of TinyStories-layout text."""
+    return [s for s in (story.strip() for story in text.split(STORY_SEPARATOR)) if s]
+
+
+def read_stories(path):
+    """The stripped stories of one TinyStories-layout file, as a list; dies clearly on bad input."""
+    return [story for text in read_chunks(path) for story in split_stories(text)]
+
+
+def encode_stories(stories):
+    """GPT-2 tokens of each story followed by EOT (50256), as one np.uint16 array.
+
+    Same tokens as enc.encode_ordinary(story) + [EOT] per story, made in one tiktoken call:
+    joined by the separator and encoded with only EOT allowed as special, each story is
+    encoded on its own. ~8% faster than a call per story, and no Python list of ints.
+    """
+    enc = get_tokenizer()
+    text = STORY_SEPARATOR.join(stories) + STORY_SEPARATOR
+    if stories and text.count(STORY_SEPARATOR) == len(stories):  # no story holds the separator itself
+        try:
+            return enc.encode_to_numpy(text, allowed_special={STORY_SEPARATOR}).astype(np.uint16)
+        except UnicodeEncodeError:  # lone surrogates: encode_ordinary below replaces them
+            pass
+    ids = [t for story in stories for t in enc.encode_ordinary(story) + [EOT_TOKEN]]
+    return np.array(ids, dtype=np.uint16)
+
+
+# -----------------------------------------------------------------------------
 # tokenized data: data_dir/{train,val}.bin (uint16 memmaps) described by meta.json
 
-def load_meta(data_dir):
+def read_meta(data_dir):
+    """data_dir/meta.json (prepare.py writes it last, so it means "complete") as a dict, None
+    if there is none; one line and a stop if it is unreadable. The one reader of meta.json."""
     path = os.path.join(data_dir, 'meta.json')
-    if os.path.isfile(data_dir):
-        die(f"{data_dir} is a file, not a folder: pass --data_dir=FOLDER holding train.bin, val.bin and meta.json")
     if not os.path.isfile(path):
-        die(f"{path} not found: run `python prepare.py` (or pass --data_dir=FOLDER holding "
-            f"train.bin, val.bin and meta.json)")
+        return None
     try:
         with open(path) as f:
-            return json.load(f)
+            meta = json.load(f)
     except (OSError, ValueError) as e:
-        die(f"{path} is unreadable ({e}): re-run `python prepare.py --force`")
+        die(f"{path} is unreadable ({type(e).__name__}: {e}): re-run `python prepare.py --force`")
+    if not isinstance(meta, dict):
+        die(f"{path} is not a prepare.py meta.json: re-run `python prepare.py --force`")
+    return meta
+
+
+def load_meta(data_dir):
+    """read_meta for data the run needs: a missing meta.json stops with the fix."""
+    if os.path.isfile(data_dir):
+        die(f"{data_dir} is a file, not a folder: pass --data_dir=FOLDER holding train.bin, val.bin and meta.json")
+    meta = read_meta(data_dir)
+    if meta is None:
+        die(f"{os.path.join(data_dir, 'meta.json')} not found: run `python prepare.py` (or pass "
+            f"--data_dir=FOLDER holding train.bin, val.bin and meta.json)")
+    return meta
 
 
 def open_split(data_dir, split, vocab_size=None):
@@ -349,11 +507,136 @@ def clean_state_dict(state_dict):
     return out
 
 
+# -----------------------------------------------------------------------------
+# Hugging Face GPT-2 folders: the layout export.py writes, read back here so that every script
+# takes one wherever it takes a checkpoint
+
+CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')  # HF stores these transposed
+
+
+def gpt2_shapes(model_args, bias):
+    """Every tensor of a GPT-2-shaped model in our layout (nn.Linear: (out, in)), name -> shape."""
+    V, T, C = model_args['vocab_size'], model_args['block_size'], model_args['n_embd']
+    shapes = {'transformer.wte.weight': (V, C), 'transformer.wpe.weight': (T, C),
+              'transformer.ln_f.weight': (C,), 'lm_head.weight': (V, C)}
+    for i in range(model_args['n_layer']):
+        h = f'transformer.h.{i}.'
+        shapes.update({h + 'ln_1.weight': (C,), h + 'attn.c_attn.weight': (3 * C, C),
+                       h + 'attn.c_proj.weight': (C, C), h + 'ln_2.weight': (C,),
+                       h + 'mlp.c_fc.weight': (4 * C, C), h + 'mlp.c_proj.weight': (C, 4 * C)})
+    if bias:
+        for name, shape in list(shapes.items()):
+            if name.endswith('.weight') and 'wte' not in name and 'wpe' not in name and name != 'lm_head.weight':
+                shapes[name[:-len('weight')] + 'bias'] = shape[:1]
+    return shapes
+
+
+def check_gpt2_shaped(state_dict, model_args, bias, source):
+    """Die with one line unless state_dict holds exactly the tensors of a GPT-2 of these sizes."""
+    try:
+        expected = gpt2_shapes(model_args, bias)
+    except (KeyError, TypeError) as e:
+        die(f"{source} is not GPT-2-shaped: its model sizes are incomplete ({type(e).__name__}: {e})")
+    missing = sorted(set(expected) - set(state_dict))
+    extra = sorted(set(state_dict) - set(expected))
+    if missing or extra:
+        die(f"{source} is not GPT-2-shaped: missing tensors {missing[:3]}, unexpected tensors {extra[:3]}"
+            f"{' ...' if len(missing) > 3 or len(extra) > 3 else ''}; SLM handles GPT-2-layout models only")
+    for name, shape in expected.items():
+        if tuple(state_dict[name].shape) != shape:
+            die(f"{source} is not GPT-2-shaped: {name} has shape {tuple(state_dict[name].shape)}, "
+                f"expected {shape} from its config")
+    if model_args['n_embd'] % model_args['n_head']:
+        die(f"{source} is not GPT-2-shaped: n_embd={model_args['n_embd']} is not divisible by n_head={model_args['n_head']}")
+    if not state_dict['lm_head.weight'].equal(state_dict['transformer.wte.weight']):
+        die(f"{source} has an output layer that is not tied to the token embedding; GPT-2 ties them")
+
+
+TANH_GELUS = ('gelu_new', 'gelu_pytorch_tanh', 'gelu_fast')
+
+
+def read_hf_tensors(folder):
+    """All tensors of an HF folder: model.safetensors (single or sharded) or pytorch_model.bin."""
+    import torch
+    st, index, pt = (os.path.join(folder, n) for n in
+                     ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin'))
+    try:
+        if os.path.isfile(st) or os.path.isfile(index):
+            from safetensors.torch import load_file
+            if os.path.isfile(st):
+                return load_file(st)
+            with open(index) as f:
+                files = sorted(set(json.load(f)['weight_map'].values()))
+            return {k: v for name in files for k, v in load_file(os.path.join(folder, name)).items()}
+        if os.path.isfile(pt):
+            return torch.load(pt, map_location='cpu', weights_only=True)
+    except Exception as e:
+        die(f"could not read the weights in {folder} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"re-export or re-download the folder")
+    die(f"{folder} has config.json but no model.safetensors or pytorch_model.bin: re-export or re-download it")
+
+
+def load_hf_folder(folder):
+    """Read a GPT-2-shaped Hugging Face folder into an SLM checkpoint dict {'model', 'model_args'}."""
+    try:
+        with open(os.path.join(folder, 'config.json')) as f:
+            c = json.load(f)
+    except (OSError, ValueError) as e:
+        die(f"{folder}/config.json is unreadable ({type(e).__name__}); re-export or re-download the folder")
+    arch = c.get('architectures') or []
+    if c.get('model_type') != 'gpt2' or not all(x in ('GPT2LMHeadModel', 'GPT2Model') for x in arch):
+        die(f"{folder} holds a {c.get('model_type')!r} model ({', '.join(arch) or 'no architecture'}); "
+            f"SLM reads GPT-2-shaped models only (model_type 'gpt2', GPT2LMHeadModel)")
+    act = c.get('activation_function', 'gelu_new')
+    unsupported = [f"{k}={c.get(k)}" for k, ok in (
+        ('activation_function', act == 'gelu' or act in TANH_GELUS),
+        ('layer_norm_epsilon', c.get('layer_norm_epsilon', 1e-5) == 1e-5),
+        ('n_inner', c.get('n_inner') in (None, 4 * c.get('n_embd', 0))),
+        ('scale_attn_weights', c.get('scale_attn_weights', True) is True),
+        ('scale_attn_by_inverse_layer_idx', not c.get('scale_attn_by_inverse_layer_idx', False)),
+        ('add_cross_attention', not c.get('add_cross_attention', False)),
+        ('tie_word_embeddings', c.get('tie_word_embeddings', True) is not False)) if not ok]
+    if unsupported:
+        die(f"{folder} is not GPT-2-shaped the way SLM's model is: {', '.join(unsupported)} unsupported")
+    if act != 'gelu':  # OpenAI's GPT-2 uses the tanh approximation: close, not bit-equal
+        print(f"note: {folder} uses activation {act} (tanh-approximate GELU); SLM's exact GELU gives "
+              f"slightly different logits (~1e-3)", file=sys.stderr)
+    try:
+        a = {'vocab_size': int(c['vocab_size']), 'block_size': int(c['n_positions']), 'n_layer': int(c['n_layer']),
+             'n_head': int(c['n_head']), 'n_embd': int(c['n_embd']), 'dropout': float(c.get('resid_pdrop', 0.1)),
+             'bias': True}
+    except (KeyError, TypeError, ValueError) as e:
+        die(f"{folder}/config.json lacks a GPT-2 size ({type(e).__name__}: {e}); re-export or re-download it")
+
+    state_dict = {}
+    for name, t in read_hf_tensors(folder).items():
+        name = name.removeprefix('transformer.')
+        if name.split('.')[-2:] in (['attn', 'bias'], ['attn', 'masked_bias']):
+            continue  # causal-mask buffers that older transformers versions saved, not weights
+        if name == 'lm_head.weight':
+            continue  # tied: HF reads the output layer from wte too
+        name = 'transformer.' + name
+        if name.endswith(CONV1D) and t.dim() == 2:
+            t = t.t()
+        state_dict[name] = t.float().contiguous()
+    if 'transformer.wte.weight' in state_dict:
+        state_dict['lm_head.weight'] = state_dict['transformer.wte.weight']  # one tensor, as in our model
+    check_gpt2_shaped(state_dict, a, True, folder)
+
+    slm = c.get('slm_model_args') or {}
+    a['dropout'] = float(slm.get('dropout', a['dropout']))
+    biases = [k for k in state_dict if k.endswith('.bias')]
+    if slm.get('bias') is False and all(not state_dict[k].any() for k in biases):
+        a['bias'] = False  # written by our export of a bias-free model: give that model back
+        for k in biases:
+            del state_dict[k]
+    return {'model': state_dict, 'model_args': a}
+
+
 def read_checkpoint(path, map_location='cpu'):
     import torch
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, 'config.json')):
-        from export import load_hf_folder  # a Hugging Face GPT-2 folder (export.py writes these)
-        return load_hf_folder(path)
+        return load_hf_folder(path)  # a Hugging Face GPT-2 folder (export.py writes these)
     if os.path.isdir(path):
         die(f"{path} is a folder, not a checkpoint file: pass --ckpt=FOLDER/best_model_params.pt "
             f"(or a Hugging Face GPT-2 folder holding config.json)")

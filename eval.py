@@ -22,7 +22,6 @@ end-of-text tokens are scored (they are the cost of knowing where a story ends) 
 no bytes. Unlike loss per token it does not depend on the tokenizer, so it compares
 with models that use other vocabularies.
 """
-import json
 import math
 import os
 import re
@@ -35,9 +34,9 @@ import torch
 
 import common
 from common import (atomic_write, autocast, check_writable, config_defaults, die, get_tokenizer,
-                    load_model, open_split, parse_config, pick_device, pick_dtype)
+                    encode_stories, load_model, open_split, parse_config, pick_device, pick_dtype, plot_log,
+                    read_log, read_meta, read_stories)
 from model import sampling_problem
-from plot import plot_log, read_log
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'        # the run: --report writes out_dir/report.md
@@ -72,13 +71,8 @@ def read_bin(path, vocab_size):
     if not os.path.isfile(path):
         die(f"no data at {path}: run `python prepare.py` or pass --data=FILE.bin / --text_files=A.txt")
     folder, name = os.path.split(os.path.abspath(path))
-    meta_path = os.path.join(folder, 'meta.json')
-    if os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            try:
-                meta = json.load(f)
-            except ValueError as e:
-                die(f"{meta_path} is unreadable ({e}): re-run `python prepare.py --force`")
+    meta = read_meta(folder)
+    if meta is not None:
         for split, info in meta.get('splits', {}).items():
             if info.get('file') == name:  # open_split checks size, dtype and vocabulary against meta.json
                 return open_split(folder, split, vocab_size), info.get('text_bytes')
@@ -90,7 +84,6 @@ def read_bin(path, vocab_size):
 
 def read_text_files(paths):
     """Tokenize TinyStories-layout text files exactly as prepare.py does; (tokens, text bytes)."""
-    from prepare import encode_stories, read_stories
     stories = []
     for path in paths:
         if not os.path.isfile(path):
@@ -248,7 +241,7 @@ def format_quality(q):
 # run report: out_dir/report.md
 
 def ensure_loss_curve(out_dir):
-    """out_dir/loss_curve.png, (re)drawn by plot.py when missing or older than the log."""
+    """out_dir/loss_curve.png, (re)drawn when missing or older than the log."""
     png, log = os.path.join(out_dir, 'loss_curve.png'), os.path.join(out_dir, 'log.jsonl')
     if not os.path.isfile(png) or os.path.getmtime(png) < os.path.getmtime(log):
         plot_log(out_dir)
@@ -285,7 +278,10 @@ def write_report(out_dir, ckpt_path='', data_path='', device='auto', dtype='auto
     ckpt_path = ckpt_path or os.path.join(out_dir, 'best_model_params.pt')
     device = pick_device(device)
     dtype = pick_dtype(dtype, device)
-    log = read_log(os.path.join(out_dir, 'log.jsonl'))  # dies clearly when missing or malformed
+    log_path = os.path.join(out_dir, 'log.jsonl')
+    log = read_log(log_path)
+    if not log:
+        die(f"{log_path} holds no evaluations (missing, or none yet): pass --out_dir=FOLDER of a train.py run")
     model, ck = load_model(ckpt_path, device)
     cfg = ck.get('config') or {}
     data_path = data_path or os.path.join(cfg.get('data_dir', 'data/tinystories'), 'val.bin')

@@ -14,21 +14,20 @@ bias=False models are exported exactly: a missing bias is the same function as a
 zeros are written (HF's GPT-2 always has biases) and config.json notes slm_model_args.bias=false
 so that importing the folder gives the bias-free model back.
 
-The reverse direction, load_hf_folder(folder), reads any GPT-2-shaped HF folder (ours, or e.g.
-openai-community/gpt2 downloaded by you) into our checkpoint layout; common.read_checkpoint calls
-it for folders, so `python sample.py --ckpt=<hf folder>` works.
+The reverse direction, common.load_hf_folder(folder), reads any GPT-2-shaped HF folder (ours, or
+e.g. openai-community/gpt2 downloaded by you) into our checkpoint layout; common.read_checkpoint
+calls it for folders, so `python sample.py --ckpt=<hf folder>` works.
 """
 import json
 import os
 import shutil
-import sys
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from functools import lru_cache
 
 import torch
 
-from common import (EOT_TOKEN, check_writable, clean_state_dict, config_defaults, die, get_tokenizer, parse_config,
-                    read_checkpoint)
+from common import (CONV1D, EOT_TOKEN, check_gpt2_shaped, check_writable, clean_state_dict, config_defaults, die,
+                    get_tokenizer, gpt2_shapes, parse_config, read_checkpoint, read_log)
 from model import GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -40,46 +39,7 @@ force = False                      # replace an existing export folder at --out
 
 GPT2_VOCAB = 50257                 # the GPT-2 BPE: 50256 merged byte strings + <|endoftext|>
 EOT_TEXT = '<|endoftext|>'
-CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
-MODEL_ARGS = ('vocab_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'dropout', 'bias')
-
-
-def gpt2_shapes(model_args, bias):
-    """Every tensor of a GPT-2-shaped model in our layout (nn.Linear: (out, in)), name -> shape."""
-    V, T, C = model_args['vocab_size'], model_args['block_size'], model_args['n_embd']
-    shapes = {'transformer.wte.weight': (V, C), 'transformer.wpe.weight': (T, C),
-              'transformer.ln_f.weight': (C,), 'lm_head.weight': (V, C)}
-    for i in range(model_args['n_layer']):
-        h = f'transformer.h.{i}.'
-        shapes.update({h + 'ln_1.weight': (C,), h + 'attn.c_attn.weight': (3 * C, C),
-                       h + 'attn.c_proj.weight': (C, C), h + 'ln_2.weight': (C,),
-                       h + 'mlp.c_fc.weight': (4 * C, C), h + 'mlp.c_proj.weight': (C, 4 * C)})
-    if bias:
-        for name, shape in list(shapes.items()):
-            if name.endswith('.weight') and 'wte' not in name and 'wpe' not in name and name != 'lm_head.weight':
-                shapes[name[:-len('weight')] + 'bias'] = shape[:1]
-    return shapes
-
-
-def check_gpt2_shaped(state_dict, model_args, bias, source):
-    """Die with one line unless state_dict holds exactly the tensors of a GPT-2 of these sizes."""
-    try:
-        expected = gpt2_shapes(model_args, bias)
-    except (KeyError, TypeError) as e:
-        die(f"{source} is not GPT-2-shaped: its model sizes are incomplete ({type(e).__name__}: {e})")
-    missing = sorted(set(expected) - set(state_dict))
-    extra = sorted(set(state_dict) - set(expected))
-    if missing or extra:
-        die(f"{source} is not GPT-2-shaped: missing tensors {missing[:3]}, unexpected tensors {extra[:3]}"
-            f"{' ...' if len(missing) > 3 or len(extra) > 3 else ''}; export.py handles GPT-2-layout models only")
-    for name, shape in expected.items():
-        if tuple(state_dict[name].shape) != shape:
-            die(f"{source} is not GPT-2-shaped: {name} has shape {tuple(state_dict[name].shape)}, "
-                f"expected {shape} from its config")
-    if model_args['n_embd'] % model_args['n_head']:
-        die(f"{source} is not GPT-2-shaped: n_embd={model_args['n_embd']} is not divisible by n_head={model_args['n_head']}")
-    if not torch.equal(state_dict['lm_head.weight'], state_dict['transformer.wte.weight']):
-        die(f"{source} has an output layer that is not tied to the token embedding; GPT-2 ties them")
+MODEL_ARGS = tuple(f.name for f in fields(GPTConfig))  # what a checkpoint's model_args may hold
 
 
 # -----------------------------------------------------------------------------
@@ -163,7 +123,7 @@ def hf_config(model_args, dtype):
         'n_layer': model_args['n_layer'],
         'n_head': model_args['n_head'],
         'n_inner': None,  # 4 * n_embd, as ours
-        'activation_function': 'gelu',  # exact erf GELU = our nn.GELU() ('gelu_new' is GPT-2's tanh one)
+        'activation_function': 'gelu',  # exact erf GELU, as our F.gelu ('gelu_new' is GPT-2's tanh one)
         'layer_norm_epsilon': 1e-5,  # nn.LayerNorm's default
         'initializer_range': 0.02,
         'resid_pdrop': d, 'embd_pdrop': d, 'attn_pdrop': d,
@@ -177,21 +137,6 @@ def hf_config(model_args, dtype):
         'torch_dtype': str(dtype).removeprefix('torch.'),
         'slm_model_args': dict(model_args),  # exact round trip (bias=False) when read back by SLM
     }
-
-
-def read_log(out_dir):
-    """The eval rows of out_dir/log.jsonl (skipping unreadable lines), or []."""
-    rows = []
-    try:
-        with open(os.path.join(out_dir, 'log.jsonl')) as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:
-                    pass
-    except OSError:
-        pass
-    return [r for r in rows if isinstance(r, dict) and 'iter' in r]
 
 
 def model_card(checkpoint, ckpt_path, n_params):
@@ -223,7 +168,7 @@ def model_card(checkpoint, ckpt_path, n_params):
     for key in ('batch_size', 'gradient_accumulation_steps', 'learning_rate', 'max_iters', 'weight_decay'):
         if key in cfg:
             lines.append(f"- {key}: {cfg[key]}")
-    rows = read_log(os.path.dirname(os.path.abspath(ckpt_path))) if os.path.isfile(ckpt_path) else []
+    rows = read_log(os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), 'log.jsonl'))
     if rows:
         step = max(1, len(rows) // 10)  # at most ~10 rows plus the last one
         shown = rows[::step] + ([rows[-1]] if (len(rows) - 1) % step else [])
@@ -329,86 +274,6 @@ def export(checkpoint, out_path, force=False, ckpt_path=''):
 
 # -----------------------------------------------------------------------------
 # import: HF GPT-2 folder -> our checkpoint layout
-
-TANH_GELUS = ('gelu_new', 'gelu_pytorch_tanh', 'gelu_fast')
-
-
-def read_hf_tensors(folder):
-    """All tensors of an HF folder: model.safetensors (single or sharded) or pytorch_model.bin."""
-    st, index, pt = (os.path.join(folder, n) for n in
-                     ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin'))
-    try:
-        if os.path.isfile(st) or os.path.isfile(index):
-            from safetensors.torch import load_file
-            if os.path.isfile(st):
-                return load_file(st)
-            with open(index) as f:
-                files = sorted(set(json.load(f)['weight_map'].values()))
-            return {k: v for name in files for k, v in load_file(os.path.join(folder, name)).items()}
-        if os.path.isfile(pt):
-            return torch.load(pt, map_location='cpu', weights_only=True)
-    except Exception as e:
-        die(f"could not read the weights in {folder} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            f"re-export or re-download the folder")
-    die(f"{folder} has config.json but no model.safetensors or pytorch_model.bin: re-export or re-download it")
-
-
-def load_hf_folder(folder):
-    """Read a GPT-2-shaped Hugging Face folder into an SLM checkpoint dict {'model', 'model_args'}."""
-    try:
-        with open(os.path.join(folder, 'config.json')) as f:
-            c = json.load(f)
-    except (OSError, ValueError) as e:
-        die(f"{folder}/config.json is unreadable ({type(e).__name__}); re-export or re-download the folder")
-    arch = c.get('architectures') or []
-    if c.get('model_type') != 'gpt2' or not all(x in ('GPT2LMHeadModel', 'GPT2Model') for x in arch):
-        die(f"{folder} holds a {c.get('model_type')!r} model ({', '.join(arch) or 'no architecture'}); "
-            f"SLM reads GPT-2-shaped models only (model_type 'gpt2', GPT2LMHeadModel)")
-    act = c.get('activation_function', 'gelu_new')
-    unsupported = [f"{k}={c.get(k)}" for k, ok in (
-        ('activation_function', act == 'gelu' or act in TANH_GELUS),
-        ('layer_norm_epsilon', c.get('layer_norm_epsilon', 1e-5) == 1e-5),
-        ('n_inner', c.get('n_inner') in (None, 4 * c.get('n_embd', 0))),
-        ('scale_attn_weights', c.get('scale_attn_weights', True) is True),
-        ('scale_attn_by_inverse_layer_idx', not c.get('scale_attn_by_inverse_layer_idx', False)),
-        ('add_cross_attention', not c.get('add_cross_attention', False)),
-        ('tie_word_embeddings', c.get('tie_word_embeddings', True) is not False)) if not ok]
-    if unsupported:
-        die(f"{folder} is not GPT-2-shaped the way SLM's model is: {', '.join(unsupported)} unsupported")
-    if act != 'gelu':  # OpenAI's GPT-2 uses the tanh approximation: close, not bit-equal
-        print(f"note: {folder} uses activation {act} (tanh-approximate GELU); SLM's exact GELU gives "
-              f"slightly different logits (~1e-3)", file=sys.stderr)
-    try:
-        a = {'vocab_size': int(c['vocab_size']), 'block_size': int(c['n_positions']), 'n_layer': int(c['n_layer']),
-             'n_head': int(c['n_head']), 'n_embd': int(c['n_embd']), 'dropout': float(c.get('resid_pdrop', 0.1)),
-             'bias': True}
-    except (KeyError, TypeError, ValueError) as e:
-        die(f"{folder}/config.json lacks a GPT-2 size ({type(e).__name__}: {e}); re-export or re-download it")
-
-    state_dict = {}
-    for name, t in read_hf_tensors(folder).items():
-        name = name.removeprefix('transformer.')
-        if name.split('.')[-2:] in (['attn', 'bias'], ['attn', 'masked_bias']):
-            continue  # causal-mask buffers that older transformers versions saved, not weights
-        if name == 'lm_head.weight':
-            continue  # tied: HF reads the output layer from wte too
-        name = 'transformer.' + name
-        if name.endswith(CONV1D) and t.dim() == 2:
-            t = t.t()
-        state_dict[name] = t.float().contiguous()
-    if 'transformer.wte.weight' in state_dict:
-        state_dict['lm_head.weight'] = state_dict['transformer.wte.weight']  # one tensor, as in our model
-    check_gpt2_shaped(state_dict, a, True, folder)
-
-    slm = c.get('slm_model_args') or {}
-    a['dropout'] = float(slm.get('dropout', a['dropout']))
-    biases = [k for k in state_dict if k.endswith('.bias')]
-    if slm.get('bias') is False and all(not state_dict[k].any() for k in biases):
-        a['bias'] = False  # written by our export of a bias-free model: give that model back
-        for k in biases:
-            del state_dict[k]
-    return {'model': state_dict, 'model_args': a}
-
 
 def check_config(cfg):
     """Bad flag values stop here, with one line, before the checkpoint is read."""

@@ -16,7 +16,6 @@ written under temp names and renamed at the end, meta.json last: it marks a comp
 """
 import glob
 import hashlib
-import json
 import os
 import signal
 import socket
@@ -27,10 +26,9 @@ from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-import numpy as np
-
 import common
-from common import check_writable, config_defaults, die, get_tokenizer, parse_config, save_json
+from common import (check_file, check_writable, config_defaults, die, encode_stories, get_tokenizer, parse_config,
+                    read_chunks, read_meta, save_json, split_stories)
 
 # -----------------------------------------------------------------------------
 # config (python prepare.py --key=value)
@@ -42,11 +40,7 @@ force = False     # rebuild even if out_dir already holds a complete run
 num_proc = 0      # tokenizer processes; 0 = one per CPU core, at most 4 per core
 # -----------------------------------------------------------------------------
 
-_SEPARATOR = '<|endoftext|>'  # the story separator in TinyStories text files
 _HUB_SPLITS = {'train': 'train', 'val': 'validation'}  # our split name -> the hub's
-# Worker task size: ~256 KB of text (~300 stories) keeps the per-task overhead small, and the
-# main process's heap small: with 1 MB tasks it fragmented to ~210 MB RSS, with these ~100 MB.
-_CHUNK = 1 << 18  # bytes of a file per task
 _BATCH = 256      # hub stories per task
 _ROUTES = ("to prepare offline, tokenize local files in the TinyStories layout: python prepare.py "
            "--train_files=TRAIN.txt --val_files=VAL.txt (e.g. ../shared/data/tinystories/train.txt and "
@@ -55,91 +49,7 @@ _ROUTES = ("to prepare offline, tokenize local files in the TinyStories layout: 
 
 
 # -----------------------------------------------------------------------------
-# reading stories from TinyStories-layout text files
-
-def check_file(path):
-    if not os.path.exists(path):
-        die(f"{path} not found: pass existing text files in the TinyStories layout to --train_files/--val_files")
-    if not os.path.isfile(path):
-        die(f"{path} is not a file: pass text files (comma-separated) to --train_files/--val_files")
-    if os.path.getsize(path) == 0:
-        die(f"{path} is empty: it needs stories, each followed by a line {_SEPARATOR}")
-
-
-def read_chunks(path, size=None):
-    """The text of a TinyStories-layout file in ~size pieces, each ending just after a
-    separator (or at the end of the file), so no story is cut and RAM stays flat.
-
-    Dies on a missing or empty file, invalid UTF-8 and a file with no stories.
-    """
-    check_file(path)
-    size = size or _CHUNK
-    sep = _SEPARATOR.encode()
-    buf, offset, has_story = bytearray(), 0, False
-    try:
-        f = open(path, 'rb')
-    except OSError as e:
-        die(f"cannot read {path} ({e.strerror}): check the path and its permissions")
-    with f:
-        while True:
-            block = f.read(size)
-            search_from = max(0, len(buf) - len(sep) + 1)  # only the new bytes can hold a new separator
-            buf += block
-            if block:
-                cut = buf.rfind(sep, search_from)
-                if cut < 0:
-                    continue  # a story longer than a block: read on
-                cut += len(sep)
-            else:
-                cut = len(buf)  # the end: whatever follows the last separator is a story too
-            try:
-                text = buf[:cut].decode('utf-8')  # a cut after ASCII never splits a character
-            except UnicodeDecodeError as e:
-                die(f"{path} is not valid UTF-8 (bad byte at offset {offset + e.start}): convert it to UTF-8 text")
-            if offset == 0:
-                text = text.removeprefix('\ufeff')  # a byte-order mark is not part of the story
-            del buf[:cut]
-            offset += cut
-            has_story = has_story or bool(text.replace(_SEPARATOR, '').strip())
-            if text:
-                yield text
-            if not block:
-                break
-    if not has_story:
-        die(f"{path} holds no stories (only whitespace and {_SEPARATOR} lines): "
-            f"it needs text, each story followed by a line {_SEPARATOR}")
-
-
-def split_stories(text):
-    """The stripped, non-empty stories in a piece of TinyStories-layout text."""
-    return [s for s in (story.strip() for story in text.split(_SEPARATOR)) if s]
-
-
-def read_stories(path):
-    """The stripped stories of one TinyStories-layout file, as a list; dies clearly on bad input."""
-    return [story for text in read_chunks(path) for story in split_stories(text)]
-
-
-# -----------------------------------------------------------------------------
-# encoding: GPT-2 BPE, EOT after every story
-
-def encode_stories(stories):
-    """GPT-2 tokens of each story followed by EOT (50256), as one np.uint16 array.
-
-    Same tokens as enc.encode_ordinary(story) + [EOT] per story, made in one tiktoken call:
-    joined by the separator and encoded with only EOT allowed as special, each story is
-    encoded on its own. ~8% faster than a call per story, and no Python list of ints.
-    """
-    enc = get_tokenizer()
-    text = _SEPARATOR.join(stories) + _SEPARATOR
-    if stories and text.count(_SEPARATOR) == len(stories):  # no story holds the separator itself
-        try:
-            return enc.encode_to_numpy(text, allowed_special={_SEPARATOR}).astype(np.uint16)
-        except UnicodeEncodeError:  # lone surrogates: encode_ordinary below replaces them
-            pass
-    ids = [t for story in stories for t in enc.encode_ordinary(story) + [common.EOT_TOKEN]]
-    return np.array(ids, dtype=np.uint16)
-
+# worker tasks: GPT-2 BPE (common.encode_stories), EOT after every story
 
 def _encode_batch(stories):
     """Worker task: (tokens, UTF-8 bytes of text, number of stories) of a list of stories."""
@@ -220,9 +130,8 @@ def write_split(name, results, path, total=None):
 
 def complete_meta(out_dir):
     """meta.json of a finished run whose bins have the sizes it records, else None."""
+    meta = read_meta(out_dir)
     try:
-        with open(os.path.join(out_dir, 'meta.json')) as f:
-            meta = json.load(f)
         splits = meta['splits'].values()
         if all(os.path.getsize(os.path.join(out_dir, s['file'])) == 2 * s['tokens'] for s in splits):
             return meta

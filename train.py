@@ -16,16 +16,19 @@ import json
 import math
 import os
 import signal
+import subprocess
 import sys
 import time
+from dataclasses import fields
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (autocast, check_writable, clean_state_dict, config_defaults, die, load_meta, matmul_flops,
-                    open_split, parse_config, peak_memory, pick_device, pick_dtype, read_checkpoint, torch_save)
+from common import (atomic_write, autocast, check_writable, clean_state_dict, config_defaults, die, load_meta,
+                    matmul_flops, open_split, parse_config, peak_memory, pick_device, pick_dtype, plot_log,
+                    read_checkpoint, read_log, torch_save)
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -73,7 +76,7 @@ peak_flops = 0.0                 # device peak FLOP/s for MFU; 0: measure a dens
 report = True                    # at the end, write out_dir/report.md (eval.py's report card)
 # -----------------------------------------------------------------------------
 
-MODEL_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'dropout')
+MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != 'vocab_size']  # the rest come from the config (vocab: data)
 
 
 def get_lr(it, cfg):
@@ -189,11 +192,12 @@ def format_eta(seconds):
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def main(argv=None):
-    cfg = parse_config(config_defaults(globals()), argv, script=__file__)
-    warnings = check_config(cfg)
+# -----------------------------------------------------------------------------
+# the phases of a run, in the order main() calls them
 
-    # processes: one per device under torchrun (RANK/WORLD_SIZE set), else just this one
+def setup(cfg):
+    """Processes, device, precision and seeds. Under torchrun (RANK and WORLD_SIZE set) there is
+    one process per device; else just this one. Returns a dict of the run's fixed facts."""
     ddp = int(os.environ.get('RANK', -1)) != -1
     rank, local_rank, world_size = 0, 0, 1
     device = pick_device(cfg['device'])
@@ -204,190 +208,187 @@ def main(argv=None):
             torch.cuda.set_device(device)
         backend = cfg['backend'] if cfg['backend'] != 'auto' else ('nccl' if device.startswith('cuda') else 'gloo')
         dist.init_process_group(backend=backend)
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    for line in warnings:
-        log(line)
     accum = cfg['gradient_accumulation_steps']
     if accum % world_size:
         die(f"gradient_accumulation_steps={accum} must be divisible by the number of processes "
             f"({world_size}): pass --gradient_accumulation_steps={world_size * max(1, round(accum / world_size))}")
-    accum //= world_size  # each process does its share of the micro-batches
     device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
     dtype = pick_dtype(cfg['dtype'], device)
-    ctx = autocast(device, dtype)
-    tokens_per_iter = accum * world_size * cfg['batch_size'] * cfg['block_size']
     torch.manual_seed(cfg['seed'] + rank)  # dropout; rank 0 of DDP matches a single-process run
-    data_gen = torch.Generator().manual_seed(cfg['seed'] + rank)  # training windows, per rank
     if device_type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    return dict(ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size, master=rank == 0,
+                device=device, device_type=device_type, dtype=dtype, ctx=autocast(device, dtype),
+                accum=accum // world_size,  # each process does its share of the micro-batches
+                tokens_per_iter=accum * cfg['batch_size'] * cfg['block_size'],
+                data_gen=torch.Generator().manual_seed(cfg['seed'] + rank))  # training windows, per rank
 
-    # model: fresh, or rebuilt from the checkpoint in out_dir
-    ckpt = None
-    model_args = {k: cfg[k] for k in MODEL_KEYS}
-    if cfg['init_from'] == 'resume':
-        ckpt_path = os.path.join(cfg['out_dir'], 'ckpt.pt')
-        ckpt = read_checkpoint(ckpt_path)
-        if 'optimizer' not in ckpt:
-            die(f"{ckpt_path} has no optimizer state: resume needs a ckpt.pt written by train.py")
-        changed = [k for k in MODEL_KEYS if ckpt['model_args'].get(k) != cfg[k]]
-        if changed:
-            log(f"resume: model shape from the checkpoint, ignoring {', '.join(f'{k}={cfg[k]}' for k in changed)}")
-        model_args = {k: ckpt['model_args'][k] for k in MODEL_KEYS}
-        model_args['vocab_size'] = ckpt['model_args']['vocab_size']
-        cfg.update({k: v for k, v in model_args.items() if k in MODEL_KEYS})
+
+def read_resume_checkpoint(cfg, log):
+    """On resume: out_dir/ckpt.pt, whose model shape wins over the config's (cfg is updated)."""
+    ckpt_path = os.path.join(cfg['out_dir'], 'ckpt.pt')
+    ckpt = read_checkpoint(ckpt_path)
+    if 'optimizer' not in ckpt:
+        die(f"{ckpt_path} has no optimizer state: resume needs a ckpt.pt written by train.py")
+    changed = [k for k in MODEL_KEYS if ckpt['model_args'].get(k) != cfg[k]]
+    if changed:
+        log(f"resume: model shape from the checkpoint, ignoring {', '.join(f'{k}={cfg[k]}' for k in changed)}")
+    cfg.update({k: ckpt['model_args'][k] for k in MODEL_KEYS})
+    return ckpt
+
+
+def vocab_size_of(cfg, ckpt):
+    """The vocabulary: meta.json's for a new run; on resume the checkpoint's, which must match."""
     meta_vocab = load_meta(cfg['data_dir']).get('vocab_size')
     if not isinstance(meta_vocab, int) or meta_vocab < 1:
         die(f"{cfg['data_dir']}/meta.json has no valid vocab_size: re-run `python prepare.py --force`")
-    if ckpt is None:
-        model_args['vocab_size'] = meta_vocab
-    elif meta_vocab != model_args['vocab_size']:
+    if ckpt is not None and meta_vocab != ckpt['model_args']['vocab_size']:
         die(f"{cfg['data_dir']}/meta.json describes a {meta_vocab}-token vocabulary, but the checkpoint in "
-            f"{cfg['out_dir']} has {model_args['vocab_size']}: resume on the data the run was trained on (--data_dir)")
-    # data: opened once, read-only; open_split checks meta.json, sizes and the vocabulary
-    splits = {'train': open_split(cfg['data_dir'], 'train', model_args['vocab_size']),
-              'val': open_split(cfg['data_dir'], 'val', model_args['vocab_size'])}
+            f"{cfg['out_dir']} has {ckpt['model_args']['vocab_size']}: resume on the data the run was trained on "
+            f"(--data_dir)")
+    return meta_vocab
+
+
+def open_data(cfg, vocab_size):
+    """The train and val token memmaps, read-only; open_split checks them against meta.json."""
+    splits = {split: open_split(cfg['data_dir'], split, vocab_size) for split in ('train', 'val')}
     for split, data in splits.items():
         if len(data) <= cfg['block_size']:
             die(f"{cfg['data_dir']}/{split}.bin holds {len(data)} tokens, fewer than block_size+1="
                 f"{cfg['block_size'] + 1}: prepare more text or lower --block_size")
+    return splits
 
-    log("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in sorted(cfg.items())))
-    model = GPT(GPTConfig(**model_args), verbose=master)
-    if ckpt is not None:
-        model.load_state_dict(clean_state_dict(ckpt['model']))  # also takes _orig_mod./module. keys
-    model.to(device)
-    optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'],
-                                           (cfg['beta1'], cfg['beta2']), device_type)
-    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
-    start_iter, best_val_loss = 0, float('inf')
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt['optimizer'])
-        if ckpt.get('scaler'):
-            scaler.load_state_dict(ckpt['scaler'])
-        start_iter, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
-        rng = ckpt['rng']
-        if len(rng) == world_size:  # same process count: each rank continues its own streams
-            torch.set_rng_state(rng[rank]['torch'])
-            data_gen.set_state(rng[rank]['data'])
-            if device_type == 'cuda' and rng[rank]['cuda'] is not None:
-                torch.cuda.set_rng_state(rng[rank]['cuda'])
-        else:
-            log(f"resume: checkpoint from {len(rng)} processes, now {world_size}: random streams restart from seed")
-        log(f"resuming from {ckpt_path} at iter {start_iter} (best val loss {best_val_loss:.4f})")
-    ckpt = None  # free the loaded tensors
 
-    train_model = torch.compile(model) if cfg['compile'] else model
-    eval_model = train_model  # evaluated on rank 0 only: never through the DDP wrapper
-    if ddp:
-        train_model = DDP(train_model, device_ids=[local_rank] if device_type == 'cuda' else None)
+def restore_state(ckpt, optimizer, scaler, run, log):
+    """Optimizer, scaler and every random stream from the checkpoint, so the run continues
+    exactly. Nothing may draw from the restored streams before training does (see
+    common.matmul_flops). Returns (start iter, best val loss)."""
+    optimizer.load_state_dict(ckpt['optimizer'])
+    if ckpt.get('scaler'):
+        scaler.load_state_dict(ckpt['scaler'])
+    rng, rank = ckpt['rng'], run['rank']
+    if len(rng) == run['world_size']:  # same process count: each rank continues its own streams
+        torch.set_rng_state(rng[rank]['torch'])
+        run['data_gen'].set_state(rng[rank]['data'])
+        if run['device_type'] == 'cuda' and rng[rank]['cuda'] is not None:
+            torch.cuda.set_rng_state(rng[rank]['cuda'])
+    else:
+        log(f"resume: checkpoint from {len(rng)} processes, now {run['world_size']}: random streams restart from seed")
+    return ckpt['iter_num'], ckpt['best_val_loss']
 
-    peak = cfg['peak_flops']
-    if master and peak <= 0:
-        peak = max(matmul_flops(device, dtype)[1])
-        log(f"MFU is relative to {peak / 1e12:.3f} TFLOP/s, a {dtype} matmul measured now "
-            f"(set --peak_flops to use a datasheet figure)")
-    log(f"{tokens_per_iter:,} tokens per step ({world_size} process(es) x {accum} micro-batches x "
-        f"{cfg['batch_size']} x {cfg['block_size']}), {dtype} on {device}")
 
-    # training log: on resume keep the lines up to the checkpoint, on a new run start over
+def start_log(cfg, start_iter):
+    """out_dir/log.jsonl: on resume keep the rows up to the checkpoint, else start over.
+    Returns the wall time the kept rows had already taken."""
     try:
         os.makedirs(cfg['out_dir'], exist_ok=True)
     except OSError as e:  # check_writable cannot foresee everything (e.g. a folder under /proc)
         die(f"cannot create out_dir {cfg['out_dir']} ({e.strerror}): choose a writable --out_dir")
     log_path = os.path.join(cfg['out_dir'], 'log.jsonl')
-    elapsed_before = 0.0
-    if master and not cfg['eval_only']:
-        rows = []
-        if cfg['init_from'] == 'resume' and os.path.exists(log_path):
-            with open(log_path) as f:
-                rows = [r for r in map(json.loads, filter(str.strip, f)) if r['iter'] <= start_iter]
-            elapsed_before = rows[-1]['elapsed_s'] if rows else 0.0
-        with open(log_path, 'w') as f:
-            f.writelines(json.dumps(r) + '\n' for r in rows)
+    rows = [r for r in read_log(log_path) if r['iter'] <= start_iter] if cfg['init_from'] == 'resume' else []
+    atomic_write(log_path, lambda f: f.writelines(json.dumps(r) + '\n' for r in rows), mode='w')
+    return rows[-1].get('elapsed_s', 0.0) if rows else 0.0
 
-    def save_checkpoint(it, rng_states, best_only=False):
-        """ckpt.pt (everything to resume) and/or best_model_params.pt (weights of the best val loss)."""
-        state = {'model': model.state_dict(), 'model_args': model_args, 'config': cfg,
-                 'iter_num': it, 'best_val_loss': best_val_loss}
-        if best_only:
-            torch_save(state, os.path.join(cfg['out_dir'], 'best_model_params.pt'))
-            return
-        state.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=rng_states)
-        torch_save(state, os.path.join(cfg['out_dir'], 'ckpt.pt'))
 
-    def gather_rng_states():
-        """Every rank's random streams (dropout, data windows), so resume repeats them exactly."""
-        mine = {'torch': torch.get_rng_state(), 'data': data_gen.get_state(),
-                'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}
-        if not ddp:
-            return [mine]
-        states = [None] * world_size
-        dist.all_gather_object(states, mine)
-        return states
+def rng_states(run):
+    """Every rank's random streams (dropout, data windows), so resume repeats them exactly."""
+    mine = {'torch': torch.get_rng_state(), 'data': run['data_gen'].get_state(),
+            'cuda': torch.cuda.get_rng_state() if run['device_type'] == 'cuda' else None}
+    if not run['ddp']:
+        return [mine]
+    states = [None] * run['world_size']
+    dist.all_gather_object(states, mine)
+    return states
 
-    # Ctrl-C / SIGTERM: finish the current step, save ckpt.pt, exit. A second Ctrl-C quits at once.
-    stop_signal = [0]
 
-    def request_stop(signum, frame):
-        if stop_signal[0]:
-            raise KeyboardInterrupt  # the second signal: quit now, without saving
-        stop_signal[0] = signum
-        log(f"\n{signal.Signals(signum).name}: stopping after this step to save a checkpoint "
-            f"(press Ctrl-C again to quit without saving)", flush=True)
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+def save_checkpoint(cfg, model, model_args, it, best_val_loss, optimizer=None, scaler=None, rng=None):
+    """best_model_params.pt (weights only) without optimizer; ckpt.pt, all a resume needs, with it."""
+    state = {'model': model.state_dict(), 'model_args': model_args, 'config': cfg,
+             'iter_num': it, 'best_val_loss': best_val_loss}
+    if optimizer is None:
+        torch_save(state, os.path.join(cfg['out_dir'], 'best_model_params.pt'))
+        return
+    state.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=rng)
+    torch_save(state, os.path.join(cfg['out_dir'], 'ckpt.pt'))
 
-    # the loop: evaluate + checkpoint every eval_interval steps, one optimizer step per pass
-    it = start_iter
+
+# Ctrl-C / SIGTERM: finish the current step, save ckpt.pt, exit. A second one quits at once.
+_stop_signal = 0
+
+
+def request_stop(signum, frame):
+    global _stop_signal
+    if _stop_signal:
+        raise KeyboardInterrupt  # the second signal: quit now, without saving
+    _stop_signal = signum
+    if int(os.environ.get('RANK', 0)) == 0:
+        print(f"\n{signal.Signals(signum).name}: stopping after this step to save a checkpoint "
+              f"(press Ctrl-C again to quit without saving)", flush=True)
+
+
+def evaluate(cfg, run, model, model_args, eval_model, optimizer, scaler, splits, it, best_val_loss, row):
+    """Every eval_interval steps (rank 0 evaluates): losses to stdout and log.jsonl, the best
+    weights to best_model_params.pt, and ckpt.pt. row: the log row's timing figures.
+    Returns the best val loss so far."""
+    rng = rng_states(run)  # every rank takes part in gathering them
+    if not run['master']:
+        return best_val_loss
+    losses = estimate_loss(eval_model, splits, cfg, run['ctx'], run['device'])
+    if not (math.isfinite(losses['train']) and math.isfinite(losses['val'])):
+        die(f"eval loss is {losses} at iter {it}: training diverged; the checkpoints in "
+            f"{cfg['out_dir']} are from before. Lower --learning_rate or check the data")
+    print(f"eval iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+    if cfg['eval_only']:
+        return best_val_loss
+    row = {'iter': it, 'tokens': it * run['tokens_per_iter'], 'train_loss': losses['train'],
+           'val_loss': losses['val'], 'lr': get_lr(it, cfg), **row}
+    with open(os.path.join(cfg['out_dir'], 'log.jsonl'), 'a') as f:
+        f.write(json.dumps(row) + '\n')
+    improved = losses['val'] < best_val_loss
+    best_val_loss = min(best_val_loss, losses['val'])
+    if it > 0 and improved:
+        save_checkpoint(cfg, model, model_args, it, best_val_loss)
+    if it > 0 and (improved or cfg['always_save_checkpoint'] or it == cfg['max_iters']):
+        save_checkpoint(cfg, model, model_args, it, best_val_loss, optimizer, scaler, rng)
+        print(f"saved {cfg['out_dir']}/ckpt.pt" + (" and best_model_params.pt" if improved else ""))
+    return best_val_loss
+
+
+def train_loop(cfg, run, model, model_args, train_model, eval_model, optimizer, scaler, splits,
+               start_iter, best_val_loss, peak, elapsed_before):
+    """Evaluate + checkpoint every eval_interval steps, one optimizer step per pass; a progress
+    line every log_interval steps. Returns (last iter, best val loss)."""
+    it, tokens_per_iter, world_size = start_iter, run['tokens_per_iter'], run['world_size']
     t_start = t_window = time.time()
     iters_window, train_time, ema_dt = 0, 0.0, None
     while True:
         at_resume_point = cfg['init_from'] == 'resume' and it == start_iter  # evaluated before saving
         if cfg['eval_only'] or ((it % cfg['eval_interval'] == 0 or it == cfg['max_iters']) and not at_resume_point):
-            rng_states = gather_rng_states()
-            if master:
-                losses = estimate_loss(eval_model, splits, cfg, ctx, device)
-                if not (math.isfinite(losses['train']) and math.isfinite(losses['val'])):
-                    die(f"eval loss is {losses} at iter {it}: training diverged; the checkpoints in "
-                        f"{cfg['out_dir']} are from before. Lower --learning_rate or check the data")
-                tokens_per_s = iters_window * tokens_per_iter / train_time if train_time else 0.0
-                mfu = model.estimate_mfu(tokens_per_iter / world_size, train_time / iters_window, peak) if iters_window else 0.0
-                log(f"eval iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                if cfg['eval_only']:
-                    break
-                row = {'iter': it, 'tokens': it * tokens_per_iter, 'train_loss': losses['train'],
-                       'val_loss': losses['val'], 'lr': get_lr(it, cfg), 'tokens_per_s': round(tokens_per_s, 1),
-                       'mfu': round(mfu, 4), 'elapsed_s': round(elapsed_before + time.time() - t_start, 1)}
-                with open(log_path, 'a') as f:
-                    f.write(json.dumps(row) + '\n')
-                improved = losses['val'] < best_val_loss
-                if improved:
-                    best_val_loss = losses['val']
-                if it > 0 and improved:
-                    save_checkpoint(it, rng_states, best_only=True)
-                if it > 0 and (improved or cfg['always_save_checkpoint'] or it == cfg['max_iters']):
-                    save_checkpoint(it, rng_states)
-                    log(f"saved {cfg['out_dir']}/ckpt.pt" + (" and best_model_params.pt" if improved else ""))
+            mfu = (model.estimate_mfu(tokens_per_iter / world_size, train_time / iters_window, peak)
+                   if iters_window and run['master'] else 0.0)  # rank 0 measured the peak, and logs
+            timing = {'tokens_per_s': round(iters_window * tokens_per_iter / train_time if train_time else 0.0, 1),
+                      'mfu': round(mfu, 4), 'elapsed_s': round(elapsed_before + time.time() - t_start, 1)}
+            best_val_loss = evaluate(cfg, run, model, model_args, eval_model, optimizer, scaler, splits, it,
+                                     best_val_loss, timing)
             if cfg['eval_only']:
-                break
+                return it, best_val_loss
             iters_window, train_time = 0, 0.0
             t_window = time.time()
         if it >= cfg['max_iters']:
-            break
+            return it, best_val_loss
 
         lr = get_lr(it, cfg)
-        batches = [get_batch(splits['train'], cfg['batch_size'], cfg['block_size'], data_gen, device)
-                   for _ in range(accum)]
-        loss = train_step(train_model, optimizer, scaler, batches, lr, cfg['grad_clip'], ctx)
+        batches = [get_batch(splits['train'], cfg['batch_size'], cfg['block_size'], run['data_gen'], run['device'])
+                   for _ in range(run['accum'])]
+        loss = train_step(train_model, optimizer, scaler, batches, lr, cfg['grad_clip'], run['ctx'])
         it += 1
-        if ddp:  # average the loss over ranks and agree on stopping, in one small all-reduce
-            flags = torch.stack([loss.float(), torch.tensor(float(stop_signal[0]), device=loss.device)])
+        if run['ddp']:  # average the loss over ranks and agree on stopping, in one small all-reduce
+            flags = torch.stack([loss.float(), torch.tensor(float(_stop_signal), device=loss.device)])
             dist.all_reduce(flags)
             loss, stop = flags[0] / world_size, flags[1].item() > 0
         else:
-            stop = stop_signal[0] > 0
+            stop = _stop_signal > 0
         lossf = loss.item()
         if not math.isfinite(lossf):
             die(f"loss is {lossf} at iter {it}: training diverged. The last good checkpoint in "
@@ -398,29 +399,88 @@ def main(argv=None):
         train_time += now - t_window
         dt, t_window = now - t_window, now
         ema_dt = dt if ema_dt is None else 0.9 * ema_dt + 0.1 * dt
-        if it % cfg['log_interval'] == 0 and master:
+        if it % cfg['log_interval'] == 0 and run['master']:
             mfu = model.estimate_mfu(tokens_per_iter / world_size, ema_dt, peak)
             print(f"iter {it}/{cfg['max_iters']} | loss {lossf:.4f} | lr {lr:.2e} | {ema_dt * 1000:.0f} ms/iter | "
                   f"{tokens_per_iter / ema_dt:,.0f} tok/s | mfu {mfu * 100:.1f}% | "
                   f"eta {format_eta((cfg['max_iters'] - it) * ema_dt)}", flush=True)
         if stop:
-            rng_states = gather_rng_states()
-            if master:
-                save_checkpoint(it, rng_states)
+            rng = rng_states(run)
+            if run['master']:
+                save_checkpoint(cfg, model, model_args, it, best_val_loss, optimizer, scaler, rng)
                 print(f"interrupted at iter {it}: saved {cfg['out_dir']}/ckpt.pt; "
                       f"continue with --init_from=resume", flush=True)
-            if ddp:
+            if run['ddp']:
                 dist.destroy_process_group()
-            sys.exit(128 + (stop_signal[0] or signal.SIGTERM))  # 130 after Ctrl-C, 143 after SIGTERM
+            sys.exit(128 + (_stop_signal or signal.SIGTERM))  # 130 after Ctrl-C, 143 after SIGTERM
 
+
+def write_report(cfg, device, dtype):
+    """out_dir/report.md, the run's report card: eval.py --report, run as a user would run it
+    (a script, not an import: train.py depends only on common and model)."""
+    eval_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'eval.py')
+    r = subprocess.run([sys.executable, eval_py, '--report', f"--out_dir={cfg['out_dir']}", f'--device={device}',
+                        f'--dtype={dtype}'], capture_output=True, text=True)
+    print(r.stdout.strip() if r.returncode == 0 else
+          f"warning: the report card failed ({r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}); "
+          f"retry with python eval.py --report --out_dir={cfg['out_dir']}", flush=True)
+
+
+def main(argv=None):
+    cfg = parse_config(config_defaults(globals()), argv, script=__file__)
+    warnings = check_config(cfg)
+
+    # setup: processes, device, precision, seeds
+    run = setup(cfg)
+    master, device, dtype = run['master'], run['device'], run['dtype']
+    log = print if master else (lambda *a, **k: None)
+    for line in warnings:
+        log(line)
+
+    # data and model shape: from the config, or from the checkpoint on resume
+    ckpt = read_resume_checkpoint(cfg, log) if cfg['init_from'] == 'resume' else None
+    model_args = {k: cfg[k] for k in MODEL_KEYS}
+    model_args['vocab_size'] = vocab_size_of(cfg, ckpt)
+    splits = open_data(cfg, model_args['vocab_size'])
+    log("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in sorted(cfg.items())))
+
+    # model and optimizer, fresh or as the checkpoint left them
+    model = GPT(GPTConfig(**model_args), verbose=master)
+    if ckpt is not None:
+        model.load_state_dict(clean_state_dict(ckpt['model']))  # also takes _orig_mod./module. keys
+    model.to(device)
+    optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'],
+                                           (cfg['beta1'], cfg['beta2']), run['device_type'])
+    scaler = torch.amp.GradScaler(run['device_type'], enabled=(dtype == 'float16'))
+    start_iter, best_val_loss = 0, float('inf')
+    if ckpt is not None:
+        start_iter, best_val_loss = restore_state(ckpt, optimizer, scaler, run, log)
+        log(f"resuming from {cfg['out_dir']}/ckpt.pt at iter {start_iter} (best val loss {best_val_loss:.4f})")
+    ckpt = None  # free the loaded tensors
+    train_model = torch.compile(model) if cfg['compile'] else model
+    eval_model = train_model  # evaluated on rank 0 only: never through the DDP wrapper
+    if run['ddp']:
+        train_model = DDP(train_model, device_ids=[run['local_rank']] if run['device_type'] == 'cuda' else None)
+    peak = cfg['peak_flops']
+    if master and peak <= 0:
+        peak = max(matmul_flops(device, dtype)[1])
+        log(f"MFU is relative to {peak / 1e12:.3f} TFLOP/s, a {dtype} matmul measured now "
+            f"(set --peak_flops to use a datasheet figure)")
+    log(f"{run['tokens_per_iter']:,} tokens per step ({run['world_size']} process(es) x {run['accum']} micro-batches x "
+        f"{cfg['batch_size']} x {cfg['block_size']}), {dtype} on {device}")
+
+    # the loop, then the end
+    elapsed_before = start_log(cfg, start_iter) if master and not cfg['eval_only'] else 0.0
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    it, best_val_loss = train_loop(cfg, run, model, model_args, train_model, eval_model, optimizer, scaler,
+                                   splits, start_iter, best_val_loss, peak, elapsed_before)
     if master and not cfg['eval_only']:
-        from plot import plot_log
         print(f"done: {it} iters, best val loss {best_val_loss:.4f}, peak memory {peak_memory(device) / 1e9:.2f} GB"
-              f"{' (GPU)' if device_type == 'cuda' else ' (RSS)'}; wrote {plot_log(cfg['out_dir'])}")
+              f"{' (GPU)' if run['device_type'] == 'cuda' else ' (RSS)'}; wrote {plot_log(cfg['out_dir'])}")
         if cfg['report']:
-            from eval import write_report
-            print(f"wrote {write_report(cfg['out_dir'], device=device, dtype=dtype)}", flush=True)
-    if ddp:
+            write_report(cfg, device, dtype)
+    if run['ddp']:
         dist.destroy_process_group()
 
 

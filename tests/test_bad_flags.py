@@ -120,8 +120,8 @@ CASES = [
     ('plot', ['--out_dir={F}/afile/run'], 'cannot be made'),
     ('plot', ['--out_dir={RO}'], 'is not writable here'),
     ('plot', ['--out_dir={F}/pngdir'], 'loss_curve.png is a folder'),
-    ('plot', ['--out_dir={F}/adir'], 'log.jsonl not found'),
-    ('plot', ['--out_dir={F}/badlog'], 'line 1 is not a train.py log row'),
+    ('plot', ['--out_dir={F}/adir'], 'log.jsonl holds no evaluations'),
+    ('plot', ['--out_dir={F}/badlog'], 'log.jsonl holds no evaluations'),
     # bench.py
     ('bench', ['--what=fly'], "--what='fly' is not one of peak, train, sample, prepare"),
     ('bench', ['--n_layer=0'], '--n_layer=0 must be at least 1'),

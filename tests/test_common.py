@@ -1,4 +1,5 @@
 """common.py: the config flags, errors, atomic files and checked loading every script relies on."""
+import ast
 import importlib
 import json
 import os
@@ -160,3 +161,44 @@ def test_help_lists_every_key_with_its_default_and_meaning(script, capsys):
         m = re.search(rf'^  --{key}=(\S+) +(\S.*)$', out, re.M)
         assert m, f"--{key} has no line with a meaning in {script}.py --help"
         assert m.group(1) == repr(default)
+
+
+def test_read_log_skips_a_row_being_written(tmp_path):
+    """plot.py may read log.jsonl while train.py appends to it: a partial last line (or a damaged
+    one) is skipped, the whole rows are kept; export.py, eval.py and train.py read it the same way."""
+    row = {'iter': 0, 'tokens': 0, 'train_loss': 10.9, 'val_loss': 10.9, 'lr': 1e-4}
+    log = tmp_path / 'log.jsonl'
+    log.write_text(json.dumps(row) + '\n' + json.dumps({**row, 'iter': 4}) + '\n{"iter": 8, "tok')
+    assert [r['iter'] for r in common.read_log(str(log))] == [0, 4]
+    assert common.read_log(str(tmp_path / 'none.jsonl')) == []
+    assert common.plot_log(str(tmp_path)).endswith('loss_curve.png')
+
+
+SCRIPTS = ['prepare', 'train', 'sample', 'eval', 'export', 'plot', 'bench']
+
+
+def imported_modules(name):
+    """Every module a file imports, at the top or inside a function."""
+    tree = ast.parse((common_dir() / f'{name}.py').read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split('.')[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module.split('.')[0])
+    return found
+
+
+def common_dir():
+    from pathlib import Path
+    return Path(common.__file__).parent
+
+
+def test_imports_flow_one_way():
+    """Scripts import common and model, never each other (bench.py alone times train.py's step
+    and prepare.py's pipeline, and says so); common and model import no script: no cycles."""
+    for name in ['common', 'model']:
+        assert not imported_modules(name) & set(SCRIPTS), name
+    for name in SCRIPTS:
+        allowed = {'train', 'prepare'} if name == 'bench' else set()
+        assert imported_modules(name) & set(SCRIPTS) <= allowed, name

@@ -206,7 +206,7 @@ def test_bad_input_is_one_line(tmp_path, tiny):
     assert 'no checkpoint at' in error_of(ev.main, [f'--ckpt={tmp_path}/nope.pt', f'--data={good}'])
     assert 'no data at' in error_of(ev.main, [c, f'--data={tmp_path}/nope.bin'])
     assert 'not found' in error_of(ev.main, [c, f'--text_files={tmp_path}/nope.txt'])
-    assert 'log.jsonl not found' in error_of(ev.main, ['--report', f'--out_dir={tmp_path}'])
+    assert 'log.jsonl holds no evaluations' in error_of(ev.main, ['--report', f'--out_dir={tmp_path}'])
     # empty data
     (tmp_path / 'empty.bin').write_bytes(b'')
     assert 'not a non-empty file' in error_of(ev.main, [c, f'--data={tmp_path}/empty.bin'])

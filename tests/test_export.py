@@ -127,7 +127,7 @@ def test_export_layout_is_model_layout(bias):
     """export.py's GPT-2 tensor list is exactly model.py's state dict: names and shapes."""
     args = asdict(GPTConfig(**TINY, bias=bias))
     model = GPT(GPTConfig(**args), verbose=False)
-    assert export.gpt2_shapes(args, bias) == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert common.gpt2_shapes(args, bias) == {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 @pytest.mark.parametrize('bias', [True, False])

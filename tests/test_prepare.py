@@ -107,9 +107,9 @@ def test_chunks_never_cut_a_story_or_a_character(tmp_path):
     path.write_bytes(text.encode('utf-8'))
     expected = [s.strip() for s in text.removeprefix('\ufeff').split(SEP) if s.strip()]
     assert len(expected) == 4
-    assert prepare.read_stories(str(path)) == expected
+    assert common.read_stories(str(path)) == expected
     for size in (1, 2, 3, 7, 13, 64, 1000):
-        got = [s for chunk in prepare.read_chunks(str(path), size=size) for s in prepare.split_stories(chunk)]
+        got = [s for chunk in common.read_chunks(str(path), size=size) for s in common.split_stories(chunk)]
         assert got == expected, size
 
 
@@ -118,7 +118,7 @@ def test_encode_stories_matches_encode_ordinary():
     for batch in (stories[:3], stories, [], ['lone \ud800 surrogate']):
         enc = common.get_tokenizer()
         want = [t for s in batch for t in enc.encode_ordinary(s) + [common.EOT_TOKEN]]
-        got = prepare.encode_stories(batch)
+        got = common.encode_stories(batch)
         assert got.dtype == np.uint16 and got.tolist() == want
 
 
@@ -186,8 +186,8 @@ def test_interrupt_while_tokenizing_keeps_the_old_complete_output(stories_dir, t
     monkeypatch.setattr(prepare, 'write_split', write_then_interrupt)
     train = [str(stories_dir / 'validation.txt')]
     with pytest.raises(KeyboardInterrupt):
-        prepare.write_dataset(out, {'train': (prepare._encode_text, prepare.read_chunks(train[0], size=4096), None),
-                                    'val': (prepare._encode_text, prepare.read_chunks(sample[0]), None)},
+        prepare.write_dataset(out, {'train': (prepare._encode_text, common.read_chunks(train[0], size=4096), None),
+                                    'val': (prepare._encode_text, common.read_chunks(sample[0]), None)},
                               {'train': train, 'val': sample}, num_proc=2)
     assert sorted(os.listdir(out)) == ['meta.json', 'train.bin', 'val.bin']  # temp files removed
     assert prepare.complete_meta(out) == old  # the old run is untouched and still complete

@@ -171,7 +171,7 @@ def test_memory_lean_training_path_matches_plain_autograd(monkeypatch, autocast_
 
     lean = loss_and_grads()
 
-    def plain_attention(self, x):
+    def plain_attention(self, x, kv_cache=None, pos=0, last_only=False):  # training passes no cache
         B, T, C = x.size()
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                    for t in self.c_attn(x).split(self.n_embd, dim=2))
