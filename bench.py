@@ -21,12 +21,16 @@ import sys
 import tempfile
 import time
 from contextlib import redirect_stdout
+from dataclasses import fields
 
 import torch
 
-from common import (autocast, check_writable, config_defaults, die, matmul_flops, parse_config, peak_memory,
-                    pick_device, pick_dtype, save_json, sync, timed)
-from model import GPT, GPTConfig, linear, sampling_problem
+from common import (autocast, check_writable, config_defaults, die, get_tokenizer, matmul_flops, parse_config,
+                    peak_memory, pick_device, pick_dtype, read_stories, save_json, sync, timed)
+from model import GPT, GPTConfig, PackedLinears, sampling_problem, window_steps
+# the two scripts whose own code bench.py times: train.py's step and prepare.py's pipeline
+from prepare import prepare_files
+from train import get_batch, get_lr, train_step
 
 # -----------------------------------------------------------------------------
 what = 'peak'           # peak | train | sample | prepare
@@ -167,17 +171,16 @@ def bench_peak(cfg, device, dtype):
 def bench_train(cfg, device, dtype):
     """Times train.py's loop body: get_lr, get_batch per micro-batch, train_step (forward,
     loss, backward per micro-batch, clip, AdamW step) and the loss.item() that syncs it."""
-    import train
-    tcfg = {**config_defaults(vars(train)), **{k: cfg[k] for k in ('batch_size', 'block_size', 'seed',
-                                                                     'gradient_accumulation_steps')}}
+    # the seed recipe's optimizer (config/tinystories.py); the LR schedule as train.py steps it
+    schedule = dict(learning_rate=5e-4, min_lr=5e-5, decay_lr=True, warmup_iters=1000, lr_decay_iters=0,
+                    max_iters=20000)
     device_type = device.split(':')[0]
     if device_type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True  # as train.py
         torch.backends.cudnn.allow_tf32 = True
         torch.cuda.reset_peak_memory_stats()
     model = make_model(cfg, device)
-    optimizer = model.configure_optimizers(tcfg['weight_decay'], tcfg['learning_rate'],
-                                           (tcfg['beta1'], tcfg['beta2']), device_type)
+    optimizer = model.configure_optimizers(0.1, schedule['learning_rate'], (0.9, 0.95), device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
     train_model = torch.compile(model) if cfg['compile'] else model
     ctx = autocast(device, dtype)
@@ -188,9 +191,8 @@ def bench_train(cfg, device, dtype):
                          dtype=torch.int32).numpy().astype('uint16')
 
     def step(it):
-        batches = [train.get_batch(data, B, T, gen, device) for _ in range(accum)]
-        loss = train.train_step(train_model, optimizer, scaler, batches, train.get_lr(it, tcfg),
-                                tcfg['grad_clip'], ctx)
+        batches = [get_batch(data, B, T, gen, device) for _ in range(accum)]
+        loss = train_step(train_model, optimizer, scaler, batches, get_lr(it, schedule), 0.5, ctx)
         return loss.item()
 
     for it in range(cfg['warmup']):
@@ -240,25 +242,8 @@ def bench_train(cfg, device, dtype):
 
 def make_model(cfg, device):
     torch.manual_seed(cfg['seed'])
-    config = GPTConfig(vocab_size=cfg['vocab_size'], block_size=cfg['block_size'], n_layer=cfg['n_layer'],
-                       n_head=cfg['n_head'], n_embd=cfg['n_embd'], dropout=cfg['dropout'], bias=cfg['bias'])
+    config = GPTConfig(**{f.name: cfg[f.name] for f in fields(GPTConfig)})  # bench's model keys are GPTConfig's
     return GPT(config, verbose=False).to(device)
-
-
-def step_tokens(prompt_len, n, block_size, mode):
-    """Tokens each of the n steps of generate_stream runs through the model (its schedule)."""
-    steps, total, pos = [], prompt_len, 0
-    for _ in range(n):
-        if mode == 'no cache':  # the whole (cropped) context every step
-            steps.append(min(total, block_size))
-        elif pos == 0 or pos == block_size:  # the prompt, or a full window re-run (exact) / halved (fast)
-            pos = min(total, block_size // 2 if mode == 'fast' and pos == block_size else block_size)
-            steps.append(pos)
-        else:
-            steps.append(1)
-            pos += 1
-        total += 1
-    return steps
 
 
 def generation_limit(model, batch, steps, peak):
@@ -280,9 +265,9 @@ def weight_bytes_per_step(model):
 
 def time_generation(model, prompt, n, mode, cfg, device, dtype):
     """(seconds to the first token, seconds for all n) of one generate_stream run."""
-    with autocast(device, dtype):  # packed_weights depends on autocast, as generate_stream calls it
+    with autocast(device, dtype):  # MKL packing depends on autocast, as generate_stream runs it
         if mode != 'no cache':
-            model.packed_weights(prompt.size(0))  # made once per batch size in sample.py: not timed
+            PackedLinears(model, prompt.size(0))  # packs once per batch size in sample.py: not timed
         sync(device)
         t0 = time.perf_counter()
         first = None
@@ -297,12 +282,11 @@ def time_generation(model, prompt, n, mode, cfg, device, dtype):
 
 def decode_matmul_seconds(model, batch, device, dtype):
     """Seconds of one decoding step's matmuls alone (every Linear of the blocks and lm_head,
-    as forward_cached runs them at this batch size): the step if nothing else took time."""
+    as a decoding step runs them at this batch size): the step if nothing else took time."""
     layers = [m for m in model.transformer.h.modules() if isinstance(m, torch.nn.Linear)] + [model.lm_head]
     inputs = [torch.randn(batch, 1, m.in_features, device=device) for m in layers]
-    with torch.no_grad(), autocast(device, dtype):
-        packed = model.packed_weights(batch)
-        return min(timed(lambda: [linear(m, x, packed) for m, x in zip(layers, inputs)], device, 3, 20))
+    with torch.no_grad(), autocast(device, dtype), PackedLinears(model, batch):
+        return min(timed(lambda: [m(x) for m, x in zip(layers, inputs)], device, 3, 20))
 
 
 def int_list(cfg, key):
@@ -322,7 +306,7 @@ def bench_sample(cfg, device, dtype):
     model = make_model(cfg, device)
     model.eval()
     if cfg['compile']:
-        model.compile_decoding()
+        model.compile(dynamic=True)  # as sample.py --compile
     modes = ['kv', 'fast'] + (['no cache'] if cfg['nocache'] else [])
     gen = torch.Generator().manual_seed(cfg['seed'])
     prompts = {B: torch.randint(cfg['vocab_size'], (B, T0), generator=gen).to(device) for B in batches}
@@ -354,7 +338,8 @@ def bench_sample(cfg, device, dtype):
     peak_after = measure_peak(device, dtype, cfg['gemm_size'], cfg['copy_mb'])
     peak = {k: max(v, peak_after[k]) for k, v in peak_before.items()}
     for r in results:
-        steps = step_tokens(T0, r['new_tokens'], cfg['block_size'], r['mode'])
+        steps = [run for run, _ in window_steps(T0, r['new_tokens'], cfg['block_size'],
+                                                 r['mode'] != 'no cache', r['mode'] == 'fast')]
         r['limit_tokens_per_s'] = r['batch'] * r['new_tokens'] / generation_limit(model, r['batch'], steps, peak)
     wb = weight_bytes_per_step(model)
     ratios = print_sample(results, cfg, peak, wb, matmuls)
@@ -406,10 +391,8 @@ def print_sample(results, cfg, peak, wb, matmuls):
 # prepare: tokenizing speed against one core's tokenizer rate x cores
 
 def bench_prepare(cfg, device, dtype):
-    import prepare
-    from common import get_tokenizer
     src, workers = cfg['text'], cfg['threads'] or num_cores()
-    stories = prepare.read_stories(src)  # dies clearly on a missing, empty or non-UTF-8 file
+    stories = read_stories(src)  # dies clearly on a missing, empty or non-UTF-8 file
     with open(src, 'rb') as f:
         data = f.read()
     if not data.rstrip().endswith(b'<|endoftext|>'):
@@ -436,7 +419,7 @@ def bench_prepare(cfg, device, dtype):
             one_core.append(passes * text_bytes / (time.perf_counter() - t0))
             t0 = time.perf_counter()
             with open(os.devnull, 'w') as quiet, redirect_stdout(quiet):  # prepare's progress lines
-                meta = prepare.prepare_files([train_path], [src], os.path.join(tmp, 'out'), force=True,
+                meta = prepare_files([train_path], [src], os.path.join(tmp, 'out'), force=True,
                                              num_proc=workers)
             runs.append(time.perf_counter() - t0)
     nbytes = sum(s['text_bytes'] for s in meta['splits'].values())

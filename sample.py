@@ -33,7 +33,7 @@ top_p = 1.0              # nucleus: among the fewest tokens whose probabilities 
 seed = 1337              # the same seed and flags give the same stories
 device = 'auto'          # auto = cuda, else mps, else cpu
 dtype = 'auto'           # float32, bfloat16 or float16; auto = bf16/fp16 on GPUs, fp32 elsewhere
-compile = False          # torch.compile the per-token step (PyTorch 2; a slow first sample)
+compile = False          # torch.compile the model's forward (PyTorch 2; a slow first sample)
 kv_cache = True          # False re-runs the whole context every token, as nanoGPT (slow; for checks)
 fast_window = False      # past block_size keep half the window instead of re-running it:
                          # faster long samples, slightly worse text (README)
@@ -97,7 +97,7 @@ def main(argv=None):
     model, _ = load_model(cfg['ckpt'] or os.path.join(cfg['out_dir'], 'best_model_params.pt'), dev)
     model.eval()
     if cfg['compile']:
-        model.compile_decoding()
+        model.compile(dynamic=True)  # the forward generate runs; the first sample is slow
     enc = get_tokenizer()
     block_size = model.config.block_size
 

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import bench
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, window_steps
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = ['--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=16', '--threads=1']
@@ -69,11 +68,11 @@ def test_prepare_times_the_real_path_and_cleans_up(tmp_path, stories_dir):
     r, res = run_bench(tmp_path, '--what=prepare', f'--text={src}', '--mb=0.02', '--repeats=1', '--threads=1')
     check_header(r.stdout, 'prepare')
     assert 'prepare MB/s' in r.stdout and 'encode_ordinary 1 core' in r.stdout
-    import prepare
-    stories = prepare.read_stories(src)
+    from common import encode_stories, read_stories  # what prepare.py runs
+    stories = read_stories(src)
     copies = -(-20_000 // src.stat().st_size)  # the file replicated to >= 0.02 MB, plus itself as val
     p = res['prepare']
-    assert p['tokens'] == (copies + 1) * len(prepare.encode_stories(stories))
+    assert p['tokens'] == (copies + 1) * len(encode_stories(stories))
     assert p['text_bytes'] == (copies + 1) * sum(len(s.encode()) for s in stories)
     assert p['workers'] == 1 and p['limit_mb_per_s'] == pytest.approx(p['one_core_mb_per_s'])
     assert 0 < p['fraction_of_limit'] < 10
@@ -111,20 +110,26 @@ def test_bad_options_fail_in_one_line(tmp_path):
         assert len(r.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize('prompt_len,n', [(3, 10), (5, 30), (16, 7)])
-def test_generation_limit_follows_generate_schedule(prompt_len, n):
-    """step_tokens (what the limit counts) is the number of tokens generate_stream really
+@pytest.mark.parametrize('prompt_len, n, expected', [
+    (3, 10, dict(kv=[3] + [1] * 9, fast=[3] + [1] * 9, nocache=list(range(3, 13)))),
+    # past block_size 16: exact re-runs the whole window each step, fast refills from 8 tokens
+    (5, 30, dict(kv=[5] + [1] * 11 + [16] * 18, fast=[5] + [1] * 11 + ([8] + [1] * 8) * 2,
+                 nocache=list(range(5, 16)) + [16] * 19)),
+    (16, 7, dict(kv=[16] * 7, fast=[16, 8] + [1] * 5, nocache=[16] * 7)),
+])
+def test_generation_limit_follows_generate_schedule(prompt_len, n, expected):
+    """window_steps (what the limit counts) is the number of tokens generate_stream really
     runs through the model at each step, for the exact, fast and no-cache paths."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16), verbose=False).eval()
-    for mode in ('kv', 'fast', 'no cache'):
+    for mode in ('kv', 'fast', 'nocache'):
         calls = []
-        cached, full = model.forward_cached, model.forward
-        model.forward_cached = lambda idx, *args: calls.append(idx.size(1)) or cached(idx, *args)
-        model.forward = lambda idx, targets=None: calls.append(idx.size(1)) or full(idx, targets)
+        full = model.forward
+        model.forward = lambda idx, *args, **kwargs: calls.append(idx.size(1)) or full(idx, *args, **kwargs)
         try:
-            model.generate(torch.zeros(1, prompt_len, dtype=torch.long), n, use_kv_cache=mode != 'no cache',
+            model.generate(torch.zeros(1, prompt_len, dtype=torch.long), n, use_kv_cache=mode != 'nocache',
                            fast_window=mode == 'fast')
         finally:
-            del model.forward_cached, model.forward
-        assert calls == bench.step_tokens(prompt_len, n, 16, mode), mode
+            del model.forward
+        assert calls == expected[mode], mode
+        assert [run for run, _ in window_steps(prompt_len, n, 16, mode != 'nocache', mode == 'fast')] == calls

@@ -8,7 +8,8 @@ import torch
 from common import clean_state_dict, load_model, torch_save
 import torch.nn.functional as F
 
-from model import MKL_PACKED_GEMM, GPT, GeluLinear, GPTConfig, LinearCrossEntropy, sample_logits
+from model import (MKL_PACKED_GEMM, GPT, GeluLinear, GPTConfig, LinearCrossEntropy, PackedLinears, new_kv_cache,
+                   sample_logits)
 
 TINY = dict(vocab_size=101, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
 
@@ -111,10 +112,10 @@ def test_batch_logits_equal_rows_one_by_one():
         batch = model(idx)[0]
         rows = torch.cat([model(idx[i:i + 1])[0] for i in range(4)])
         assert torch.allclose(batch, rows, atol=3e-3, rtol=0)
-        batch_cached = model.forward_cached(idx, model.new_kv_cache(4), 0)
-        rows_cached = torch.cat([model.forward_cached(idx[i:i + 1], model.new_kv_cache(1), 0) for i in range(4)])
+        batch_cached = model(idx, kv_cache=new_kv_cache(model, 4))[0]
+        rows_cached = torch.cat([model(idx[i:i + 1], kv_cache=new_kv_cache(model, 1))[0] for i in range(4)])
     assert torch.allclose(batch_cached, rows_cached, atol=3e-3, rtol=0)
-    assert torch.allclose(batch_cached, batch[:, -1], atol=3e-3, rtol=0)
+    assert torch.allclose(batch_cached, batch, atol=3e-3, rtol=0)
     # and batched generation gives every row what it gets alone
     out = model.generate(idx, 30, temperature=0)
     for i in range(4):
@@ -124,12 +125,12 @@ def test_batch_logits_equal_rows_one_by_one():
 def test_cached_logits_match_the_full_forward_token_by_token():
     model = tiny_model()
     idx = prompts(2, 16)
-    cache = model.new_kv_cache(2)
+    cache = new_kv_cache(model, 2)
     with torch.no_grad():
-        logits = model.forward_cached(idx[:, :5], cache, 0)
+        logits = model(idx[:, :5], kv_cache=cache)[0]
         for t in range(5, 16):
-            assert torch.allclose(logits, model(idx[:, :t])[0][:, -1], atol=1e-3, rtol=0), t  # logits ~40
-            logits = model.forward_cached(idx[:, t:t + 1], cache, t)
+            assert torch.allclose(logits, model(idx[:, :t])[0], atol=1e-3, rtol=0), t  # logits ~40
+            logits = model(idx[:, t:t + 1], kv_cache=cache, pos=t)[0]
 
 
 @pytest.mark.parametrize('batch', [1, 3])
@@ -151,31 +152,38 @@ def test_generation_follows_weight_updates(batch):
 @pytest.mark.parametrize('batch', [1, 8])
 def test_packed_decoding_steps_match_plain_linear(batch):
     model = tiny_model()
-    packed = model.packed_weights(batch)
-    n_linear = 4 * model.config.n_layer
-    assert len(packed) == 2 * n_linear + 1  # steps (blocks and head), window re-runs (blocks)
+    packed = PackedLinears(model, batch)
+    assert len(packed.forwards) == 4 * model.config.n_layer + 1  # the blocks' Linears and lm_head
+    assert sum(map(len, model._mkl_packed[1].values())) == 2 * 4 * model.config.n_layer + 1  # steps, re-runs
     idx = prompts(batch, model.config.block_size)
-    with torch.no_grad():
-        cache_plain, cache_packed = model.new_kv_cache(batch), model.new_kv_cache(batch)
-        # a full window (the exact mode's re-run), then one token
-        window = model.forward_cached(idx, cache_plain, 0)
-        assert torch.allclose(model.forward_cached(idx, cache_packed, 0, packed), window, atol=1e-3, rtol=0)
-        for cache in (cache_plain, cache_packed):
-            model.forward_cached(idx[:, :-1], cache, 0)
-        plain = model.forward_cached(idx[:, -1:], cache_plain, 15)
-        fast = model.forward_cached(idx[:, -1:], cache_packed, 15, packed)
+
+    def run(cache, *args, **kwargs):
+        with torch.no_grad():
+            return model(*args, kv_cache=cache, **kwargs)[0]
+
+    cache_plain, cache_packed = new_kv_cache(model, batch), new_kv_cache(model, batch)
+    # a full window (the exact mode's re-run), then one token
+    window = run(cache_plain, idx)
+    with packed:
+        patched = [m for m in model.modules() if 'forward' in m.__dict__]
+        assert torch.allclose(run(cache_packed, idx), window, atol=1e-3, rtol=0)
+        run(cache_packed, idx[:, :-1])
+        fast = run(cache_packed, idx[:, -1:], pos=15)
+    assert len(patched) == len(packed.forwards) and not any('forward' in m.__dict__ for m in model.modules())
+    run(cache_plain, idx[:, :-1])
+    plain = run(cache_plain, idx[:, -1:], pos=15)
     assert torch.allclose(fast, plain, atol=1e-3, rtol=0)  # logits ~40: fp32 summation order
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        assert model.packed_weights(batch) is None  # bf16 activations: plain F.linear
+        assert not PackedLinears(model, batch).forwards  # bf16 activations: plain F.linear
 
 
 def test_compiled_decoding_gives_the_eager_tokens():
-    # torch.compile cannot lower MKL's packed GEMM: compile_decoding must take the plain path
+    # torch.compile cannot lower MKL's packed GEMM: a compiled model must take the plain path
     model = tiny_model()
     idx = prompts(2, 5)
     eager = model.generate(idx, 8, temperature=0)
-    model.compile_decoding()
-    assert model.packed_weights(2) is None
+    model.compile(dynamic=True)  # as sample.py --compile
+    assert not PackedLinears(model, 2).forwards
     assert torch.equal(model.generate(idx, 8, temperature=0), eager)
 
 
