@@ -60,10 +60,8 @@ class CausalSelfAttention(nn.Module):
         buffers (B, nh, block_size, hs); x's keys and values are written at pos and x attends
         over every key cached up to its own. last_only: the output of the last position alone."""
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, nh, T, hs): views, one op for all three
         if kv_cache is not None:
             k_cache, v_cache = kv_cache
             k_cache[:, :, pos:pos + T], v_cache[:, :, pos:pos + T] = k, v
