@@ -25,8 +25,8 @@ from dataclasses import fields
 
 import torch
 
-from common import (autocast, check_writable, config_defaults, die, get_tokenizer, matmul_flops, parse_config,
-                    peak_memory, pick_device, pick_dtype, read_stories, save_json, sync, timed)
+from common import (autocast, check_counts, check_writable, config_defaults, die, get_tokenizer, matmul_flops,
+                    parse_config, peak_memory, pick_device, pick_dtype, read_stories, save_json, sync, timed)
 from model import GPT, GPTConfig, PackedLinears, sampling_problem, window_steps
 # the two scripts whose own code bench.py times: train.py's step and prepare.py's pipeline
 from prepare import prepare_files
@@ -453,14 +453,10 @@ def check_config(cfg):
     """Bad flag values stop here, with one line, before anything is measured."""
     if cfg['what'] not in MODES:
         die(f"--what={cfg['what']!r} is not one of {', '.join(MODES)}")
-    for key in ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size', 'batch_size',
-                'gradient_accumulation_steps', 'iters', 'repeats', 'prompt_tokens'):
-        if cfg[key] < 1:
-            die(f"--{key}={cfg[key]} must be at least 1")
-    for key, zero in (('warmup', 'no warm-up'), ('gemm_size', 'the default size'),
-                      ('copy_mb', 'the default size'), ('threads', 'all cores')):
-        if cfg[key] < 0:
-            die(f"--{key}={cfg[key]} is negative: use 0 ({zero}) or more")
+    check_counts(cfg, ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size', 'batch_size',
+                       'gradient_accumulation_steps', 'iters', 'repeats', 'prompt_tokens'),
+                 {'warmup': 'no warm-up', 'gemm_size': 'the default size', 'copy_mb': 'the default size',
+                  'threads': 'all cores'})
     if cfg['n_embd'] % cfg['n_head']:
         die(f"--n_embd={cfg['n_embd']} must be divisible by --n_head={cfg['n_head']}")
     if not 0 <= cfg['dropout'] < 1:

@@ -120,6 +120,17 @@ def parse_config(defaults, argv=None, nullable=(), script=None):
     return config
 
 
+def check_counts(cfg, at_least_one=(), zero_means=None):
+    """Stop with one line on a count flag out of range: those in at_least_one must be >= 1; for
+    those in zero_means ({key: what 0 means}) 0 is allowed, negatives are not."""
+    for key in at_least_one:
+        if cfg[key] < 1:
+            die(f"--{key}={cfg[key]} must be at least 1")
+    for key, zero in (zero_means or {}).items():
+        if cfg[key] < 0:
+            die(f"--{key}={cfg[key]} is negative: use 0 ({zero}) or more")
+
+
 # -----------------------------------------------------------------------------
 # files: written to a temp name in the same folder, then renamed into place
 

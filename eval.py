@@ -33,9 +33,9 @@ import numpy as np
 import torch
 
 import common
-from common import (atomic_write, autocast, check_writable, config_defaults, die, get_tokenizer,
-                    encode_stories, load_model, open_split, parse_config, pick_device, pick_dtype, plot_log,
-                    read_log, read_meta, read_stories)
+from common import (atomic_write, autocast, check_counts, check_writable, config_defaults, die,
+                    encode_stories, get_tokenizer, load_model, open_split, parse_config, pick_device,
+                    pick_dtype, plot_log, read_log, read_meta, read_stories)
 from model import sampling_problem
 
 # -----------------------------------------------------------------------------
@@ -394,13 +394,9 @@ Last {min(10, len(log))} of {len(log)} evaluations in `log.jsonl`:
 
 def check_config(cfg):
     """Bad flag values stop here, with one line, before the model or any data is loaded."""
-    for key in ('batch_size', 'max_new_tokens'):
-        if cfg[key] < 1:
-            die(f"--{key}={cfg[key]} must be at least 1")
-    for key, zero in (('block_size', "the model's context"), ('stride', 'block_size: no overlap'),
-                      ('num_samples', 'no stories'), ('show', 'print none')):
-        if cfg[key] < 0:
-            die(f"--{key}={cfg[key]} is negative: use 0 ({zero}) or more")
+    check_counts(cfg, ('batch_size', 'max_new_tokens'),
+                 {'block_size': "the model's context", 'stride': 'block_size: no overlap',
+                  'num_samples': 'no stories', 'show': 'print none'})
     if cfg['block_size'] and cfg['stride'] > cfg['block_size']:  # windows would skip tokens
         die(f"--stride={cfg['stride']} must be between 1 and the block size {cfg['block_size']}")
     if cfg['max_new_tokens'] > 1_000_000:  # generate allocates all the tokens' room up front

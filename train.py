@@ -76,7 +76,7 @@ peak_flops = 0.0                 # device peak FLOP/s for MFU; 0: measure a dens
 report = True                    # at the end, write out_dir/report.md (eval.py's report card)
 # -----------------------------------------------------------------------------
 
-MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != 'vocab_size']  # the rest come from the config (vocab: data)
+MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != 'vocab_size']  # from the config; vocab: the data's
 
 
 def get_lr(it, cfg):
