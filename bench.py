@@ -25,8 +25,9 @@ from dataclasses import fields
 
 import torch
 
-from common import (autocast, check_counts, check_writable, config_defaults, die, get_tokenizer, matmul_flops,
-                    parse_config, peak_memory, pick_device, pick_dtype, read_stories, save_json, sync, timed)
+from common import (autocast, check_counts, check_seed, check_writable, config_defaults, die, get_tokenizer,
+                    matmul_flops, parse_config, peak_memory, pick_device, pick_dtype, read_stories, save_json,
+                    sync, timed)
 from model import GPT, GPTConfig, PackedLinears, sampling_problem, window_steps
 # the two scripts whose own code bench.py times: train.py's step and prepare.py's pipeline
 from prepare import prepare_files
@@ -476,8 +477,7 @@ def check_config(cfg):
         die(f"--text={cfg['text']} {'is a folder' if os.path.isdir(cfg['text']) else 'not found'}: pass a text "
             f"file in the TinyStories layout (stories each followed by a line <|endoftext|>), "
             f"e.g. ../shared/data/tinystories/train.txt")
-    if not 0 <= cfg['seed'] < 2**63:  # torch.manual_seed takes 64-bit seeds
-        die(f"--seed={cfg['seed']} must be between 0 and 2**63 - 1")
+    check_seed(cfg)
     if cfg['json']:  # written at the end: find out now, not after minutes of measuring
         check_writable(cfg['json'], '--json', folder=False)
 

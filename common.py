@@ -131,6 +131,23 @@ def check_counts(cfg, at_least_one=(), zero_means=None):
             die(f"--{key}={cfg[key]} is negative: use 0 ({zero}) or more")
 
 
+def check_generation_flags(cfg):
+    """The generation flags sample.py and eval.py share: model.sampling_problem's rule, a bound
+    on max_new_tokens (generate allocates room for all of them up front), a 64-bit seed."""
+    from model import sampling_problem
+    problem = sampling_problem(cfg['temperature'], cfg['top_k'], cfg['top_p'])
+    if problem:
+        die(f"--{problem}")
+    if cfg['max_new_tokens'] > 1_000_000:
+        die(f"--max_new_tokens={cfg['max_new_tokens']} is more than 1,000,000: ask for fewer tokens")
+    check_seed(cfg)
+
+
+def check_seed(cfg):
+    if not 0 <= cfg['seed'] < 2**63:  # torch.manual_seed takes 64-bit seeds
+        die(f"--seed={cfg['seed']} must be between 0 and 2**63 - 1")
+
+
 # -----------------------------------------------------------------------------
 # files: written to a temp name in the same folder, then renamed into place
 
@@ -297,15 +314,21 @@ def read_log(path):
     return rows
 
 
-def plot_log(out_dir):
-    """Write out_dir/loss_curve.png from out_dir/log.jsonl: train and val loss against tokens
-    seen, the learning rate on a second axis. Returns the PNG's path."""
-    from matplotlib.figure import Figure  # no pyplot: works without a display, changes no global state
+def load_log(out_dir):
+    """read_log of out_dir/log.jsonl for what needs its rows: none stops with the fix."""
     log_path = os.path.join(out_dir, 'log.jsonl')
     rows = read_log(log_path)
     if not rows:
         die(f"{log_path} holds no evaluations (missing, or none yet): train.py writes a row at every "
             f"eval_interval; pass --out_dir=FOLDER of a run")
+    return rows
+
+
+def plot_log(out_dir):
+    """Write out_dir/loss_curve.png from out_dir/log.jsonl: train and val loss against tokens
+    seen, the learning rate on a second axis. Returns the PNG's path."""
+    from matplotlib.figure import Figure  # no pyplot: works without a display, changes no global state
+    rows = load_log(out_dir)
     tokens = [r['tokens'] / 1e6 for r in rows]
     fig = Figure(figsize=(8, 5), layout='constrained')
     ax = fig.subplots()

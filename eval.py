@@ -33,10 +33,9 @@ import numpy as np
 import torch
 
 import common
-from common import (atomic_write, autocast, check_counts, check_writable, config_defaults, die,
-                    encode_stories, get_tokenizer, load_model, open_split, parse_config, pick_device,
-                    pick_dtype, plot_log, read_log, read_meta, read_stories)
-from model import sampling_problem
+from common import (atomic_write, autocast, check_counts, check_generation_flags, check_writable,
+                    config_defaults, die, encode_stories, get_tokenizer, load_log, load_model, open_split,
+                    parse_config, pick_device, pick_dtype, plot_log, read_meta, read_stories)
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'        # the run: --report writes out_dir/report.md
@@ -278,10 +277,7 @@ def write_report(out_dir, ckpt_path='', data_path='', device='auto', dtype='auto
     ckpt_path = ckpt_path or os.path.join(out_dir, 'best_model_params.pt')
     device = pick_device(device)
     dtype = pick_dtype(dtype, device)
-    log_path = os.path.join(out_dir, 'log.jsonl')
-    log = read_log(log_path)
-    if not log:
-        die(f"{log_path} holds no evaluations (missing, or none yet): pass --out_dir=FOLDER of a train.py run")
+    log = load_log(out_dir)
     model, ck = load_model(ckpt_path, device)
     cfg = ck.get('config') or {}
     data_path = data_path or os.path.join(cfg.get('data_dir', 'data/tinystories'), 'val.bin')
@@ -399,13 +395,7 @@ def check_config(cfg):
                   'num_samples': 'no stories', 'show': 'print none'})
     if cfg['block_size'] and cfg['stride'] > cfg['block_size']:  # windows would skip tokens
         die(f"--stride={cfg['stride']} must be between 1 and the block size {cfg['block_size']}")
-    if cfg['max_new_tokens'] > 1_000_000:  # generate allocates all the tokens' room up front
-        die(f"--max_new_tokens={cfg['max_new_tokens']} is more than 1,000,000: ask for fewer tokens")
-    problem = sampling_problem(cfg['temperature'], cfg['top_k'], cfg['top_p'])
-    if problem:
-        die(f"--{problem}")
-    if not 0 <= cfg['seed'] < 2**63:  # torch.manual_seed takes 64-bit seeds
-        die(f"--seed={cfg['seed']} must be between 0 and 2**63 - 1")
+    check_generation_flags(cfg)
     if cfg['data'] and cfg['text_files']:
         die("pass either --data=FILE.bin or --text_files=A.txt,B.txt, not both")
     if cfg['report'] and cfg['text_files']:

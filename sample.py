@@ -17,9 +17,8 @@ import time
 
 import torch
 
-from common import (autocast, config_defaults, die, get_tokenizer, load_model,
+from common import (autocast, check_generation_flags, config_defaults, die, get_tokenizer, load_model,
                     parse_config, pick_device, pick_dtype)
-from model import sampling_problem
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'          # reads out_dir/best_model_params.pt, the best checkpoint train.py saved
@@ -42,15 +41,9 @@ fast_window = False      # past block_size keep half the window instead of re-ru
 
 def check_config(cfg):
     """Bad flag values stop here, with one line, before the model is loaded."""
-    problem = sampling_problem(cfg['temperature'], cfg['top_k'], cfg['top_p'])
-    if problem:
-        die(f"--{problem}")
     if cfg['num_samples'] < 1 or cfg['max_new_tokens'] < 1:
         die("--num_samples and --max_new_tokens must be at least 1")
-    if cfg['max_new_tokens'] > 1_000_000:  # generate allocates all the tokens' room up front
-        die(f"--max_new_tokens={cfg['max_new_tokens']} is more than 1,000,000: ask for fewer tokens")
-    if not 0 <= cfg['seed'] < 2**63:  # torch.manual_seed takes 64-bit seeds
-        die(f"--seed={cfg['seed']} must be between 0 and 2**63 - 1")
+    check_generation_flags(cfg)
     if cfg['fast_window'] and not cfg['kv_cache']:  # the no-cache loop has no window to halve
         die("--fast_window=True needs the kv cache: drop --kv_cache=False or --fast_window")
     if not cfg['ckpt'] and os.path.isfile(cfg['out_dir']):
