@@ -148,10 +148,12 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk_size):
+    def forward(ctx, x, weight, targets, chunk_size, grad_enabled):
         # autocast does not reach inside a Function: cast to its dtype by hand, keep softmax in fp32
         compute_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        # needs_input_grad is True for the weights even under no_grad (evaluation): ask the caller's grad
+        # mode too, or a forward-only pass would also compute the gradients (3x the work)
+        needs_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         with torch.autocast(x.device.type, enabled=False):
             xc, wc = x.to(compute_dtype), weight.to(compute_dtype)
             valid = targets != -1
@@ -196,7 +198,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         scale = grad_out / n_valid
         gx = grad_x * scale.to(grad_x.dtype) if ctx.needs_input_grad[0] else None
         gw = grad_w * scale.to(grad_w.dtype) if ctx.needs_input_grad[1] else None
-        return gx, gw, None, None
+        return gx, gw, None, None, None
 
 
 class GPT(nn.Module):
@@ -255,7 +257,7 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is not None:
             loss = LinearCrossEntropy.apply(x.view(-1, x.size(-1)), self.lm_head.weight,
-                                            targets.reshape(-1), self.ce_chunk_size)
+                                            targets.reshape(-1), self.ce_chunk_size, torch.is_grad_enabled())
             return None, loss
         return self.lm_head(x[:, [-1], :]), None  # only the last position is needed to sample
 

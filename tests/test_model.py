@@ -59,12 +59,12 @@ def ce_inputs(rows=13, dim=6, vocab=11, seed=0):
 def test_linear_cross_entropy_passes_gradcheck():
     x, w, t = ce_inputs()
     # chunk 4 over 13 rows: three full chunks and a partial one, as the real loss runs
-    assert torch.autograd.gradcheck(lambda x, w: LinearCrossEntropy.apply(x, w, t, 4), (x, w))
+    assert torch.autograd.gradcheck(lambda x, w: LinearCrossEntropy.apply(x, w, t, 4, True), (x, w))
 
 
 def test_linear_cross_entropy_equals_f_cross_entropy_over_plain_logits():
     x, w, t = ce_inputs()
-    loss = LinearCrossEntropy.apply(x, w, t, 4)
+    loss = LinearCrossEntropy.apply(x, w, t, 4, True)
     gx, gw = torch.autograd.grad(loss, (x, w))
     ref = F.cross_entropy(x @ w.t(), t, ignore_index=-1)
     rx, rw = torch.autograd.grad(ref, (x, w))
@@ -72,6 +72,25 @@ def test_linear_cross_entropy_equals_f_cross_entropy_over_plain_logits():
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gx, rx, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gw, rw, rtol=1e-12, atol=1e-12)
+
+
+def test_loss_under_no_grad_does_only_the_forward_work():
+    # evaluation (eval.py, train.py's estimate_loss) runs the loss under no_grad: the output layer's
+    # gradients must not be computed there (they were, tripling the cost of a full-pass evaluation)
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=5000, dropout=0.0), verbose=False)
+    x, y = torch.randint(0, 5000, (4, 16)), torch.randint(0, 5000, (4, 16))
+    flops = {}
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), FlopCounterMode(display=False) as counter:
+            loss = model(x, y)[1]
+        flops[grad] = counter.get_total_flops()
+    head = 2 * 64 * 32 * 5000  # one forward matmul through the 5000-token output layer
+    # with grad: the head's forward and grad_x matmuls (the counter skips the in-place addmm_ for grad_w)
+    assert flops[False] < 1.5 * head < 2 * head < flops[True]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, y)[1], loss, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize('bias', [True, False])
