@@ -166,13 +166,16 @@ class LinearCrossEntropy(torch.autograd.Function):
             # one logits buffer for all chunks: no per-chunk allocation (on CPU each fresh
             # 100+ MB buffer costs ~25k page faults), and softmax is built in it in place
             buf = torch.empty(min(chunk_size, x.shape[0]), weight.shape[0], dtype=acc_dtype, device=x.device)
+            # under bf16/fp16 the matmuls write into their own reused buffers too
+            low = None if compute_dtype == acc_dtype else torch.empty_like(buf, dtype=compute_dtype)
+            low_w = None if low is None or not needs_grad else torch.empty_like(weight, dtype=compute_dtype)
             for s in range(0, x.shape[0], chunk_size):
                 xs, ts, vs = xc[s:s + chunk_size], targets[s:s + chunk_size], valid[s:s + chunk_size]
                 logits = buf[:len(xs)]
-                if compute_dtype == acc_dtype:
+                if low is None:
                     torch.mm(xs, wc.t(), out=logits)
                 else:
-                    logits.copy_(xs @ wc.t())
+                    logits.copy_(torch.mm(xs, wc.t(), out=low[:len(xs)]))
                 target_logit = logits.gather(1, ts.unsqueeze(1)).squeeze(1)
                 maxes = logits.amax(dim=1, keepdim=True)
                 sumexp = logits.sub_(maxes).exp_().sum(dim=1)  # logits now hold exp(logit - max)
@@ -183,12 +186,12 @@ class LinearCrossEntropy(torch.autograd.Function):
                     probs = logits.mul_((vs / sumexp).unsqueeze(1))
                     rows = torch.arange(len(ts), device=x.device)
                     probs[rows, ts] -= vs.to(probs.dtype)
-                    g = probs.to(compute_dtype)
+                    g = probs if low is None else low[:len(xs)].copy_(probs)
                     grad_x[s:s + chunk_size] = (g @ wc).to(x.dtype)
-                    if g.dtype == grad_w.dtype:
+                    if low is None:
                         grad_w.addmm_(g.t(), xs)
                     else:
-                        grad_w.add_((g.t() @ xs).to(acc_dtype))
+                        grad_w.add_(torch.mm(g.t(), xs, out=low_w))
             ctx.save_for_backward(grad_x, grad_w.to(weight.dtype) if needs_grad else None, n_valid)
         return loss_sum / n_valid
 
