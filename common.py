@@ -292,14 +292,17 @@ def matmul_flops(device, dtype, n=0, repeats=3):
 
 
 # -----------------------------------------------------------------------------
-# the training log: out_dir/log.jsonl, one JSON row per evaluation (train.py writes it)
+# the training log: out_dir/log.jsonl (train.py writes it): a row per optimizer step (its batch
+# loss and LR) and a row per evaluation (train/val loss estimates, speed)
 
-LOG_COLUMNS = ('iter', 'tokens', 'train_loss', 'val_loss', 'lr')
+LOG_COLUMNS = ('iter', 'tokens', 'train_loss', 'val_loss', 'lr')  # an evaluation row has these
+STEP_COLUMNS = ('iter', 'tokens', 'loss', 'lr')  # a step row
 
 
-def read_log(path):
-    """The evaluation rows of a train.py log.jsonl, [] if there is none. A line that is not a
-    whole row (one being appended right now, or a damaged one) is skipped, not fatal."""
+def read_log(path, columns=LOG_COLUMNS):
+    """The rows of a train.py log.jsonl that have all of columns (the evaluations, by default),
+    [] if there is none. A line that is not a whole row (one being appended right now, or a
+    damaged one) is skipped, not fatal."""
     rows = []
     if not os.path.isfile(path):
         return rows
@@ -309,7 +312,7 @@ def read_log(path):
                 row = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(row, dict) and all(k in row for k in LOG_COLUMNS):
+            if isinstance(row, dict) and all(k in row for k in columns):
                 rows.append(row)
     return rows
 
@@ -324,28 +327,56 @@ def load_log(out_dir):
     return rows
 
 
-def plot_log(out_dir):
-    """Write out_dir/loss_curve.png from out_dir/log.jsonl: train and val loss against tokens
-    seen, the learning rate on a second axis. Returns the PNG's path."""
+def loss_figure(out_dir):
+    """The loss curves of out_dir/log.jsonl, against tokens seen: the batch loss of every step
+    (faint) and its running mean, the val loss of each evaluation, and the learning rate of
+    every step on a second axis. A matplotlib Figure."""
     from matplotlib.figure import Figure  # no pyplot: works without a display, changes no global state
-    rows = load_log(out_dir)
-    tokens = [r['tokens'] / 1e6 for r in rows]
-    fig = Figure(figsize=(8, 5), layout='constrained')
+    evals = load_log(out_dir)
+    steps = read_log(os.path.join(out_dir, 'log.jsonl'), STEP_COLUMNS)
+    fig = Figure(figsize=(9, 5.5), layout='constrained')
     ax = fig.subplots()
-    ax.plot(tokens, [r['train_loss'] for r in rows], 'o-', ms=3, label='train loss')
-    ax.plot(tokens, [r['val_loss'] for r in rows], 'o-', ms=3, label='val loss')
+    if steps:
+        x, loss = [r['tokens'] / 1e6 for r in steps], [r['loss'] for r in steps]
+        window = max(1, len(steps) // 50)  # a fiftieth of the run: smooth enough, and it follows the bends
+        cum = [0.0]
+        for v in loss:
+            cum.append(cum[-1] + v)
+        mean = [(cum[i + 1] - cum[max(0, i + 1 - window)]) / min(i + 1, window) for i in range(len(loss))]
+        ax.plot(x, loss, color='C0', alpha=0.2, lw=0.7, label='train loss, each step')
+        ax.plot(x, mean, color='C0', lw=1.8, label=f'train loss, mean of {window} steps')
+        lr_x, lr = x, [r['lr'] for r in steps]
+        shown = mean[len(mean) // 20:] or mean  # the y-range leaves out the first 5% of steps
+    else:  # a log without step rows: the evaluations' train-loss estimates
+        ax.plot([r['tokens'] / 1e6 for r in evals], [r['train_loss'] for r in evals], 'o-', ms=3, label='train loss')
+        lr_x, lr = [r['tokens'] / 1e6 for r in evals], [r['lr'] for r in evals]
+        shown = [r['train_loss'] for r in evals[len(evals) // 20:]] or [evals[0]['train_loss']]
+    val_x, val = [r['tokens'] / 1e6 for r in evals], [r['val_loss'] for r in evals]
+    ax.plot(val_x, val, 'o-', color='C1', ms=4, label='val loss, each evaluation')
+    # the first minutes drop from ~10.9 (ln 50257): a y-range from there would flatten the rest
+    later_val = [v for t, v in zip(val_x, val) if t >= val_x[-1] / 20] or val
+    low, high = min(shown + later_val), max(shown + later_val)
+    pad = max(0.05 * (high - low), 0.02)
+    ax.set_ylim(low - pad, high + pad)
     ax.set_xlabel('tokens seen (millions)')
     ax.set_ylabel('cross-entropy loss (nats/token)')
     ax.grid(alpha=0.3)
-    best = min(rows, key=lambda r: r['val_loss'])
+    best = min(evals, key=lambda r: r['val_loss'])
     ax.set_title(f"{os.path.basename(os.path.abspath(out_dir))}: best val loss {best['val_loss']:.4f} "
-                 f"at iter {best['iter']}")
+                 f"at iter {best['iter']} (y-axis from the first 5% of training on)")
     lr_ax = ax.twinx()  # the schedule explains the curve's bends
-    lr_ax.plot(tokens, [r['lr'] for r in rows], '--', color='gray', label='learning rate')
+    lr_ax.plot(lr_x, lr, '--', color='gray', lw=1, label='learning rate')
     lr_ax.set_ylabel('learning rate')
+    lr_ax.set_ylim(0, max(lr) * 1.05 if max(lr) > 0 else 1)
     lr_ax.ticklabel_format(axis='y', style='sci', scilimits=(0, 0))
     lines = ax.get_lines() + lr_ax.get_lines()
     ax.legend(lines, [line.get_label() for line in lines], loc='upper right')
+    return fig
+
+
+def plot_log(out_dir):
+    """Write out_dir/loss_curve.png (loss_figure). Returns its path."""
+    fig = loss_figure(out_dir)
     path = os.path.join(out_dir, 'loss_curve.png')
     atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=120))
     return path
