@@ -56,6 +56,7 @@ bias = True                      # biases in Linear and LayerNorm layers, as GPT
 # AdamW
 learning_rate = 5e-4             # peak LR after warmup
 max_iters = 20000                # optimizer steps (32 x 128 x 8 = 32,768 tokens each: 655M in all)
+max_minutes = 0.0                # > 0: set max_iters from timed steps so the whole run ends in this many minutes
 weight_decay = 0.1               # AdamW decay on matrices and embeddings (not biases, norms)
 beta1 = 0.9                      # AdamW's moving-average factor for the gradient
 beta2 = 0.95                     # ... and for the squared gradient
@@ -77,6 +78,7 @@ report = True                    # at the end, write out_dir/report.md (eval.py'
 # -----------------------------------------------------------------------------
 
 MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != 'vocab_size']  # from the config; vocab: the data's
+CALIBRATION_STEPS = 10  # --max_minutes: steps timed before max_iters is fixed (the first one is not counted)
 
 
 def get_lr(it, cfg):
@@ -158,7 +160,8 @@ def check_config(cfg):
                 'gradient_accumulation_steps', 'n_layer', 'n_head', 'n_embd'):
         if cfg[key] < 1:
             die(f"{key} must be at least 1, got {cfg[key]}")
-    for key in ('learning_rate', 'weight_decay', 'grad_clip', 'warmup_iters', 'lr_decay_iters', 'peak_flops'):
+    for key in ('learning_rate', 'weight_decay', 'grad_clip', 'warmup_iters', 'lr_decay_iters', 'peak_flops',
+                'max_minutes'):
         if not cfg[key] >= 0:  # also catches nan
             die(f"{key} must be 0 or more, got {cfg[key]}")
     for key in ('beta1', 'beta2'):
@@ -176,15 +179,22 @@ def check_config(cfg):
     if cfg['backend'] not in ('auto', 'nccl', 'gloo'):
         die(f"backend must be auto, nccl or gloo, got {cfg['backend']!r}")
     check_writable(cfg['out_dir'], '--out_dir')  # before minutes of training, not at the first save
-    warnings = []
+    if cfg['max_minutes'] and not cfg['eval_only']:
+        return []  # max_iters is not known yet: fit_to_budget cuts the warmup if needed
+    return [w for w in [cut_warmup(cfg)] if w]
+
+
+def cut_warmup(cfg):
+    """A run shorter than its warmup (a quick `--max_iters=100` under the recipe's 1000 steps)
+    warms up for a tenth of the decay instead. Returns the warning line, or None."""
     decay_end = cfg['lr_decay_iters'] or cfg['max_iters']
-    if cfg['decay_lr'] and cfg['warmup_iters'] > decay_end:
-        # a quick `--max_iters=100` under the recipe's 1000-step warmup: warm up for a tenth instead
-        warmup = decay_end // 10
-        warnings.append(f"warning: warmup_iters={cfg['warmup_iters']} is longer than the LR decay "
-                        f"({decay_end} steps): warming up for {warmup} steps instead (a tenth)")
-        cfg['warmup_iters'] = warmup
-    return warnings
+    if not (cfg['decay_lr'] and cfg['warmup_iters'] > decay_end):
+        return None
+    warmup = decay_end // 10
+    warning = (f"warning: warmup_iters={cfg['warmup_iters']} is longer than the LR decay "
+               f"({decay_end} steps): warming up for {warmup} steps instead (a tenth)")
+    cfg['warmup_iters'] = warmup
+    return warning
 
 
 def format_eta(seconds):
@@ -218,15 +228,17 @@ def setup(cfg):
     if device_type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return dict(ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size, master=rank == 0,
+    return dict(t0=time.time(), budget_fixed=False,  # --max_minutes counts from here; max_iters not yet fitted
+                ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size, master=rank == 0,
                 device=device, device_type=device_type, dtype=dtype, ctx=autocast(device, dtype),
                 accum=accum // world_size,  # each process does its share of the micro-batches
                 tokens_per_iter=accum * cfg['batch_size'] * cfg['block_size'],
                 data_gen=torch.Generator().manual_seed(cfg['seed'] + rank))  # training windows, per rank
 
 
-def read_resume_checkpoint(cfg, log):
-    """On resume: out_dir/ckpt.pt, whose model shape wins over the config's (cfg is updated)."""
+def read_resume_checkpoint(cfg, run, log):
+    """On resume: out_dir/ckpt.pt, whose model shape wins over the config's (cfg is updated), as
+    does the max_iters that --max_minutes fitted, so the schedule and the end stay the same."""
     ckpt_path = os.path.join(cfg['out_dir'], 'ckpt.pt')
     ckpt = read_checkpoint(ckpt_path)
     if 'optimizer' not in ckpt:
@@ -235,6 +247,10 @@ def read_resume_checkpoint(cfg, log):
     if changed:
         log(f"resume: model shape from the checkpoint, ignoring {', '.join(f'{k}={cfg[k]}' for k in changed)}")
     cfg.update({k: ckpt['model_args'][k] for k in MODEL_KEYS})
+    if cfg['max_minutes'] and ckpt.get('budget_fixed'):
+        cfg.update({k: ckpt['config'][k] for k in ('max_iters', 'warmup_iters')})
+        run['budget_fixed'] = True
+        log(f"resume: max_iters={cfg['max_iters']}, as --max_minutes fitted it in the first run")
     return ckpt
 
 
@@ -286,9 +302,10 @@ def start_log(cfg, start_iter):
     except OSError as e:  # check_writable cannot foresee everything (e.g. a folder under /proc)
         die(f"cannot create out_dir {cfg['out_dir']} ({e.strerror}): choose a writable --out_dir")
     log_path = os.path.join(cfg['out_dir'], 'log.jsonl')
-    rows = [r for r in read_log(log_path) if r['iter'] <= start_iter] if cfg['init_from'] == 'resume' else []
+    rows = ([r for r in read_log(log_path, columns=('iter',)) if r['iter'] <= start_iter]  # evaluations and steps
+            if cfg['init_from'] == 'resume' else [])
     atomic_write(log_path, lambda f: f.writelines(json.dumps(r) + '\n' for r in rows), mode='w')
-    return rows[-1].get('elapsed_s', 0.0) if rows else 0.0
+    return next((r.get('elapsed_s', 0.0) for r in reversed(rows) if 'elapsed_s' in r), 0.0)
 
 
 def rng_states(run):
@@ -302,10 +319,12 @@ def rng_states(run):
     return states
 
 
-def save_checkpoint(cfg, model, model_args, it, best_val_loss, optimizer=None, scaler=None, rng=None):
-    """best_model_params.pt (weights only) without optimizer; ckpt.pt, all a resume needs, with it."""
+def save_checkpoint(cfg, model, model_args, it, best_val_loss, optimizer=None, scaler=None, rng=None,
+                    budget_fixed=False):
+    """best_model_params.pt (weights only) without optimizer; ckpt.pt, all a resume needs, with it.
+    budget_fixed: config's max_iters was fitted by --max_minutes (a resume keeps it)."""
     state = {'model': model.state_dict(), 'model_args': model_args, 'config': cfg,
-             'iter_num': it, 'best_val_loss': best_val_loss}
+             'iter_num': it, 'best_val_loss': best_val_loss, 'budget_fixed': budget_fixed}
     if optimizer is None:
         torch_save(state, os.path.join(cfg['out_dir'], 'best_model_params.pt'))
         return
@@ -329,18 +348,21 @@ def request_stop(signum, frame):
 
 def evaluate(cfg, run, model, model_args, eval_model, optimizer, scaler, splits, it, best_val_loss, row):
     """Every eval_interval steps (rank 0 evaluates): losses to stdout and log.jsonl, the best
-    weights to best_model_params.pt, and ckpt.pt. row: the log row's timing figures.
-    Returns the best val loss so far."""
+    weights to best_model_params.pt, and ckpt.pt (iter 0 included: a cheap resume point, and
+    --max_minutes times an evaluation with its checkpoint there). row: the log row's timing
+    figures. Returns (the best val loss so far, seconds the loss estimate took)."""
     rng = rng_states(run)  # every rank takes part in gathering them
     if not run['master']:
-        return best_val_loss
+        return best_val_loss, 0.0
+    t0 = time.time()
     losses = estimate_loss(eval_model, splits, cfg, run['ctx'], run['device'])
+    loss_s = time.time() - t0
     if not (math.isfinite(losses['train']) and math.isfinite(losses['val'])):
         die(f"eval loss is {losses} at iter {it}: training diverged; the checkpoints in "
             f"{cfg['out_dir']} are from before. Lower --learning_rate or check the data")
     print(f"eval iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
     if cfg['eval_only']:
-        return best_val_loss
+        return best_val_loss, loss_s
     row = {'iter': it, 'tokens': it * run['tokens_per_iter'], 'train_loss': losses['train'],
            'val_loss': losses['val'], 'lr': get_lr(it, cfg), **row}
     with open(os.path.join(cfg['out_dir'], 'log.jsonl'), 'a') as f:
@@ -349,33 +371,85 @@ def evaluate(cfg, run, model, model_args, eval_model, optimizer, scaler, splits,
     best_val_loss = min(best_val_loss, losses['val'])
     if it > 0 and improved:
         save_checkpoint(cfg, model, model_args, it, best_val_loss)
-    if it > 0 and (improved or cfg['always_save_checkpoint'] or it == cfg['max_iters']):
-        save_checkpoint(cfg, model, model_args, it, best_val_loss, optimizer, scaler, rng)
-        print(f"saved {cfg['out_dir']}/ckpt.pt" + (" and best_model_params.pt" if improved else ""))
-    return best_val_loss
+    if improved or cfg['always_save_checkpoint'] or it == cfg['max_iters']:
+        save_checkpoint(cfg, model, model_args, it, best_val_loss, optimizer, scaler, rng, run['budget_fixed'])
+        print(f"saved {cfg['out_dir']}/ckpt.pt" + (" and best_model_params.pt" if it > 0 and improved else ""))
+    return best_val_loss, loss_s
+
+
+def decode_seconds(model, run):
+    """Seconds per token of batch-1 decoding with the KV cache, as the report's stories run,
+    from 16 timed tokens; drawn outside the run's random streams so they stay as they were."""
+    with torch.random.fork_rng(), run['ctx']:
+        model.eval()
+        idx = torch.zeros((1, 1), dtype=torch.long, device=run['device'])
+        model.generate(idx, 2)  # first-call allocations
+        t0 = time.time()
+        model.generate(idx, 16)
+        seconds = (time.time() - t0) / 16
+        model.train()
+    model._mkl_packed = None  # free the decoding copies of the weights (model.PackedLinears): they go stale now
+    return seconds
+
+
+def fit_to_budget(cfg, run, model, it, step_s, eval_s, loss_s, val_tokens):
+    """--max_minutes: the max_iters at which the steps left, their evaluations + checkpoints and
+    the report card end max_minutes after train.py started, from costs timed in this run: a step
+    (the calibration steps), an evaluation with its checkpoint (iter 0's), the report's full pass
+    (val.bin at the evaluation's tokens/s) and its stories (a timed decoding step). Rank 0
+    decides; every rank gets the same max_iters."""
+    max_iters = cfg['max_iters']
+    if run['master']:
+        eval_tokens = 2 * cfg['eval_iters'] * cfg['batch_size'] * cfg['block_size']
+        if eval_s is None:  # resumed before the budget was fitted: no iter-0 evaluation in this process
+            loss_s = eval_s = step_s * eval_tokens / (run['tokens_per_iter'] / run['world_size'])
+        report_s = 0.0
+        if cfg['report']:
+            # eval.py --report: ~3 s to start (Python, torch, the checkpoint), a full pass over val.bin,
+            # then 10 stories of up to 200 tokens (its defaults)
+            report_s = 3.0 + val_tokens * loss_s / eval_tokens + 10 * 200 * decode_seconds(model, run)
+        left = cfg['max_minutes'] * 60 - (time.time() - run['t0'])
+        steps = (left - report_s - eval_s) / (step_s + eval_s / cfg['eval_interval'])
+        max_iters = it + max(1, int(steps))
+        print(f"--max_minutes={cfg['max_minutes']:g}: max_iters={max_iters} ({step_s * 1000:.0f} ms per step, "
+              f"{eval_s:.1f} s per evaluation + checkpoint every {cfg['eval_interval']} steps, "
+              f"~{report_s:.0f} s for the report; {left / 60:.1f} of {cfg['max_minutes']:g} min left)", flush=True)
+    if run['ddp']:
+        box = [max_iters]
+        dist.broadcast_object_list(box, src=0)
+        max_iters = box[0]
+    return max_iters
 
 
 def train_loop(cfg, run, model, model_args, train_model, eval_model, optimizer, scaler, splits,
                start_iter, best_val_loss, peak, elapsed_before):
     """Evaluate + checkpoint every eval_interval steps, one optimizer step per pass; a progress
-    line every log_interval steps. Returns (last iter, best val loss)."""
+    line every log_interval steps and a log row every step. With --max_minutes, max_iters is
+    fitted after the first CALIBRATION_STEPS steps. Returns (last iter, best val loss)."""
     it, tokens_per_iter, world_size = start_iter, run['tokens_per_iter'], run['world_size']
     t_start = t_window = time.time()
     iters_window, train_time, ema_dt = 0, 0.0, None
+    calibration_dts, eval_s, loss_s = [], None, None  # for --max_minutes
+    log_path = os.path.join(cfg['out_dir'], 'log.jsonl')
     while True:
+        calibrating = cfg['max_minutes'] > 0 and not run['budget_fixed']
         at_resume_point = cfg['init_from'] == 'resume' and it == start_iter  # evaluated before saving
-        if cfg['eval_only'] or ((it % cfg['eval_interval'] == 0 or it == cfg['max_iters']) and not at_resume_point):
+        at_end = it == cfg['max_iters'] and not calibrating  # (while calibrating, max_iters is not the end)
+        if cfg['eval_only'] or ((it % cfg['eval_interval'] == 0 or at_end) and not at_resume_point):
             mfu = (model.estimate_mfu(tokens_per_iter / world_size, train_time / iters_window, peak)
                    if iters_window and run['master'] else 0.0)  # rank 0 measured the peak, and logs
             timing = {'tokens_per_s': round(iters_window * tokens_per_iter / train_time if train_time else 0.0, 1),
                       'mfu': round(mfu, 4), 'elapsed_s': round(elapsed_before + time.time() - t_start, 1)}
-            best_val_loss = evaluate(cfg, run, model, model_args, eval_model, optimizer, scaler, splits, it,
-                                     best_val_loss, timing)
+            t_eval = time.time()
+            best_val_loss, eval_loss_s = evaluate(cfg, run, model, model_args, eval_model, optimizer, scaler,
+                                                  splits, it, best_val_loss, timing)
             if cfg['eval_only']:
                 return it, best_val_loss
+            if eval_s is None:  # the first evaluation of this process: what --max_minutes budgets per eval
+                eval_s, loss_s = time.time() - t_eval, eval_loss_s
             iters_window, train_time = 0, 0.0
             t_window = time.time()
-        if it >= cfg['max_iters']:
+        if it >= cfg['max_iters'] and not calibrating:
             return it, best_val_loss
 
         lr = get_lr(it, cfg)
@@ -399,6 +473,20 @@ def train_loop(cfg, run, model, model_args, train_model, eval_model, optimizer, 
         train_time += now - t_window
         dt, t_window = now - t_window, now
         ema_dt = dt if ema_dt is None else 0.9 * ema_dt + 0.1 * dt
+        if calibrating:
+            calibration_dts.append(dt)
+            if len(calibration_dts) == CALIBRATION_STEPS:  # the first step (allocations) is not counted
+                step_s = sum(calibration_dts[1:]) / (CALIBRATION_STEPS - 1)
+                cfg['max_iters'] = fit_to_budget(cfg, run, model, it, step_s, eval_s, loss_s, len(splits['val']))
+                run['budget_fixed'] = True
+                warning = cut_warmup(cfg)
+                if warning and run['master']:
+                    print(warning)
+                t_window = time.time()  # the fitting is not a training step
+        if run['master']:  # the loss and LR of every step, for the loss curve
+            with open(log_path, 'a') as f:
+                f.write(json.dumps({'iter': it, 'tokens': it * tokens_per_iter, 'loss': round(lossf, 4),
+                                    'lr': lr}) + '\n')
         if it % cfg['log_interval'] == 0 and run['master']:
             mfu = model.estimate_mfu(tokens_per_iter / world_size, ema_dt, peak)
             print(f"iter {it}/{cfg['max_iters']} | loss {lossf:.4f} | lr {lr:.2e} | {ema_dt * 1000:.0f} ms/iter | "
@@ -407,7 +495,7 @@ def train_loop(cfg, run, model, model_args, train_model, eval_model, optimizer, 
         if stop:
             rng = rng_states(run)
             if run['master']:
-                save_checkpoint(cfg, model, model_args, it, best_val_loss, optimizer, scaler, rng)
+                save_checkpoint(cfg, model, model_args, it, best_val_loss, optimizer, scaler, rng, run['budget_fixed'])
                 print(f"interrupted at iter {it}: saved {cfg['out_dir']}/ckpt.pt; "
                       f"continue with --init_from=resume", flush=True)
             if run['ddp']:
@@ -438,7 +526,7 @@ def main(argv=None):
         log(line)
 
     # data and model shape: from the config, or from the checkpoint on resume
-    ckpt = read_resume_checkpoint(cfg, log) if cfg['init_from'] == 'resume' else None
+    ckpt = read_resume_checkpoint(cfg, run, log) if cfg['init_from'] == 'resume' else None
     model_args = {k: cfg[k] for k in MODEL_KEYS}
     model_args['vocab_size'] = vocab_size_of(cfg, ckpt)
     splits = open_data(cfg, model_args['vocab_size'])

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,9 +43,11 @@ def step_losses(stdout):
     return {int(i): float(l) for i, l in re.findall(r'^iter (\d+)/\d+ \| loss ([\d.]+)', stdout, re.M)}
 
 
-def read_log(out_dir):
+def read_log(out_dir, steps=False):
+    """log.jsonl's evaluation rows, or with steps=True its per-step rows."""
     with open(out_dir / 'log.jsonl') as f:
-        return [json.loads(line) for line in f]
+        rows = [json.loads(line) for line in f]
+    return [r for r in rows if ('val_loss' in r) != steps]
 
 
 def assert_same_state(out_a, out_b):
@@ -206,6 +209,7 @@ def test_memory_lean_training_path_matches_plain_autograd(monkeypatch, autocast_
     (['--dropout=1.0'], 'dropout must be in [0, 1)'),
     (['--batch_size=None'], 'batch_size cannot be None'),
     (['--dtype=float8'], "dtype 'float8' is not one of auto, float32, bfloat16, float16"),
+    (['--max_minutes=-1'], 'max_minutes must be 0 or more, got -1.0'),
 ])
 def test_config_errors(args, message, data_dir, tmp_path):
     out = tmp_path / 'out'
@@ -286,8 +290,14 @@ def test_training_writes_checkpoints_log_and_plot(run_a):
     assert rows[0]['val_loss'] == pytest.approx(math.log(50257), abs=0.2)  # a fresh model guesses uniformly
     assert rows[-1]['val_loss'] < rows[0]['val_loss'] - 0.1                # and it learns
     assert rows[-1]['tokens_per_s'] > 0 and 0 < rows[-1]['mfu'] < 1
+    # a row per step, for the loss curve: the printed loss and the schedule's LR
+    steps = read_log(out, steps=True)
+    assert [r['iter'] for r in steps] == list(range(1, 9))
+    assert {r['iter']: r['loss'] for r in steps} == step_losses(stdout)
+    cfg = torch.load(out / 'ckpt.pt', weights_only=True)['config']
+    assert [r['lr'] for r in steps] == [train.get_lr(i, cfg) for i in range(8)]
     best = torch.load(out / 'best_model_params.pt', weights_only=True)
-    assert set(best) == {'model', 'model_args', 'config', 'iter_num', 'best_val_loss'}
+    assert set(best) == {'model', 'model_args', 'config', 'iter_num', 'best_val_loss', 'budget_fixed'}
     assert best['best_val_loss'] == min(r['val_loss'] for r in rows[1:])
     assert best['config']['n_embd'] == 32 and best['model_args']['vocab_size'] == 50257
     ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
@@ -318,6 +328,7 @@ def test_resume_reproduces_the_uninterrupted_run(run_a, data_dir, tmp_path):
     assert [r['iter'] for r in rows_b] == [0, 4, 8]
     for key in ('tokens', 'train_loss', 'val_loss', 'lr'):
         assert rows_b[-1][key] == rows_a[-1][key]
+    assert read_log(tmp_path, steps=True) == read_log(out_a, steps=True)  # steps 1-4 kept, 5-8 appended
     # the resume point is an evaluation, the start-up measures the matmul peak, dropout is on and
     # each step has 2 micro-batches: none of it may shift the run by a single bit
     assert_same_state(out_a, tmp_path)
@@ -395,6 +406,7 @@ def test_ddp_two_processes_over_gloo(run_ddp, data_dir):
     assert len(re.findall(r'^iter 8/8 ', r.stdout, re.M)) == 1  # only rank 0 logs
     rows = read_log(tmp_path)
     assert [row['iter'] for row in rows] == [0, 4, 8] and rows[-1]['val_loss'] < rows[0]['val_loss']
+    assert [row['iter'] for row in read_log(tmp_path, steps=True)] == list(range(1, 9))  # rank 0 writes
     ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
     assert len(ckpt['rng']) == 2  # each rank's random streams, for an exact resume
     assert not torch.equal(ckpt['rng'][0]['data'], ckpt['rng'][1]['data'])  # ranks draw different windows
@@ -403,6 +415,61 @@ def test_ddp_two_processes_over_gloo(run_ddp, data_dir):
                     launcher=TORCHRUN)
     assert bad.returncode != 0
     assert 'error: gradient_accumulation_steps=3 must be divisible by the number of processes (2)' in bad.stderr
+
+
+# -----------------------------------------------------------------------------
+# --max_minutes: a time budget instead of a step count
+
+def fitted_max_iters(stdout, budget):
+    return int(re.search(rf'^--max_minutes={budget}: max_iters=(\d+) \(', stdout, re.M).group(1))
+
+
+def test_max_minutes_ends_the_whole_run_in_time(data_dir, tmp_path):
+    """A 45-second budget, timed as a user times it (the process, from start to exit), with the
+    report card: its full pass over val.bin and ten stories are about half of the budget here."""
+    t0 = time.time()
+    r = run_train(f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--max_minutes=0.75', report=True)
+    wall = time.time() - t0
+    assert r.returncode == 0, r.stderr
+    fitted = fitted_max_iters(r.stdout, 0.75)
+    assert f'done: {fitted} iters' in r.stdout and (tmp_path / 'report.md').exists()
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert ckpt['budget_fixed'] and ckpt['config']['max_iters'] == fitted == ckpt['iter_num']
+    assert 0.85 * 45 < wall < 1.15 * 45, f"the run took {wall:.1f} s for a 45 s budget"
+
+
+def test_max_minutes_fixes_the_schedule_once_and_a_resume_keeps_it(data_dir, tmp_path):
+    """Stopped by SIGTERM after max_iters was fitted, then resumed with the same command: the run
+    ends at the fitted max_iters with the weights, optimizer state and random streams of a plain
+    `--max_iters=N` run, bit for bit. So the budget only chose N: the warmup (as long as the
+    calibration) and the cosine over N steps are the same schedule, and the resume kept N."""
+    budget = ['--max_minutes=0.3', '--warmup_iters=10', '--lr_decay_iters=0', '--eval_interval=20']
+    proc = subprocess.Popen([sys.executable, 'train.py', TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}',
+                             '--report=False', *budget], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=script_env())
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith(f'iter {train.CALIBRATION_STEPS + 3}/'):
+                proc.send_signal(signal.SIGTERM)
+                break
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    fitted = fitted_max_iters(''.join(seen), 0.3)
+    assert fitted > train.CALIBRATION_STEPS + 10
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert ckpt['budget_fixed'] and ckpt['config']['max_iters'] == fitted and ckpt['iter_num'] < fitted
+    resumed = run_train(f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--init_from=resume', *budget)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f'resume: max_iters={fitted}, as --max_minutes fitted it' in resumed.stdout
+    assert '--max_minutes=0.3: max_iters=' not in resumed.stdout  # not fitted again
+    plain = tmp_path / 'plain'
+    r = run_train(f'--data_dir={data_dir}', f'--out_dir={plain}', f'--max_iters={fitted}', *budget[1:])
+    assert r.returncode == 0, r.stderr
+    assert_same_state(tmp_path, plain)
 
 
 # -----------------------------------------------------------------------------
