@@ -346,15 +346,15 @@ def loss_figure(out_dir):
         ax.plot(x, loss, color='C0', alpha=0.2, lw=0.7, label='train loss, each step')
         ax.plot(x, mean, color='C0', lw=1.8, label=f'train loss, mean of {window} steps')
         lr_x, lr = x, [r['lr'] for r in steps]
-        shown = mean[len(mean) // 20:] or mean  # the y-range leaves out the first 5% of steps
+        shown = mean[len(mean) // 10:] or mean  # the y-range leaves out the first 10% of steps
     else:  # a log without step rows: the evaluations' train-loss estimates
         ax.plot([r['tokens'] / 1e6 for r in evals], [r['train_loss'] for r in evals], 'o-', ms=3, label='train loss')
         lr_x, lr = [r['tokens'] / 1e6 for r in evals], [r['lr'] for r in evals]
-        shown = [r['train_loss'] for r in evals[len(evals) // 20:]] or [evals[0]['train_loss']]
+        shown = [r['train_loss'] for r in evals[len(evals) // 10:]] or [evals[0]['train_loss']]
     val_x, val = [r['tokens'] / 1e6 for r in evals], [r['val_loss'] for r in evals]
     ax.plot(val_x, val, 'o-', color='C1', ms=4, label='val loss, each evaluation')
     # the first minutes drop from ~10.9 (ln 50257): a y-range from there would flatten the rest
-    later_val = [v for t, v in zip(val_x, val) if t >= val_x[-1] / 20] or val
+    later_val = [v for t, v in zip(val_x, val) if t >= val_x[-1] / 10] or val
     low, high = min(shown + later_val), max(shown + later_val)
     pad = max(0.05 * (high - low), 0.02)
     ax.set_ylim(low - pad, high + pad)
@@ -363,7 +363,7 @@ def loss_figure(out_dir):
     ax.grid(alpha=0.3)
     best = min(evals, key=lambda r: r['val_loss'])
     ax.set_title(f"{os.path.basename(os.path.abspath(out_dir))}: best val loss {best['val_loss']:.4f} "
-                 f"at iter {best['iter']} (y-axis from the first 5% of training on)")
+                 f"at iter {best['iter']} (y-axis fitted to the last 90% of training)")
     lr_ax = ax.twinx()  # the schedule explains the curve's bends
     lr_ax.plot(lr_x, lr, '--', color='gray', lw=1, label='learning rate')
     lr_ax.set_ylabel('learning rate')
