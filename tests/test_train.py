@@ -348,22 +348,31 @@ def test_eval_only_and_sample_from_the_trained_model(run_a, data_dir):
     assert 'Once upon a time' in s.stdout
 
 
+def train_until_sigterm(prefix, *args):
+    """train.py with config/tiny.py and args, sent SIGTERM once it prints a line starting with
+    prefix. Returns (all of stdout, stderr, exit code)."""
+    proc = subprocess.Popen([sys.executable, 'train.py', TINY, *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=script_env())
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith(prefix):
+                proc.send_signal(signal.SIGTERM)
+                break
+        rest, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    return ''.join(seen) + rest, stderr, proc.returncode
+
+
 def test_sigterm_saves_a_checkpoint_that_resumes_exactly(run_a, data_dir, tmp_path):
     """Stopped by SIGTERM mid-run, then resumed: the same losses as run_a, which ran straight
     through (same config/tiny.py schedule; max_iters and evaluations do not change the stream)."""
     out_a, stdout_a = run_a
-    proc = subprocess.Popen([sys.executable, 'train.py', TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}',
-                             '--max_iters=100000', '--eval_interval=100000'], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=script_env())
-    try:
-        for line in proc.stdout:
-            if line.startswith('iter 2/'):
-                proc.send_signal(signal.SIGTERM)
-                break
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    stdout, stderr, returncode = train_until_sigterm('iter 2/', f'--data_dir={data_dir}', f'--out_dir={tmp_path}',
+                                                     '--max_iters=100000', '--eval_interval=100000')
+    assert returncode == 128 + signal.SIGTERM, stderr
     stopped = int(re.search(r'^interrupted at iter (\d+): saved .*ckpt.pt; continue with --init_from=resume$',
                             stdout, re.M).group(1))
     assert 2 <= stopped < 8, 'the run went on too long after SIGTERM'
@@ -420,6 +429,26 @@ def test_ddp_two_processes_over_gloo(run_ddp, data_dir):
 # -----------------------------------------------------------------------------
 # --max_minutes: a time budget instead of a step count
 
+def test_cpu_recipe_takes_bf16_only_where_the_cpu_multiplies_it(monkeypatch, tmp_path):
+    """config/tinystories_cpu.py as `python train.py config/tinystories_cpu.py` reads it: a
+    15-minute budget; bf16 autocast on a CPU with AVX512-BF16 or AMX, else fp32 (emulated bf16
+    would be slower)."""
+    import common
+    def recipe():
+        cfg = train.parse_config(train.config_defaults(vars(train)),
+                                 [str(REPO / 'config/tinystories_cpu.py'), f'--out_dir={tmp_path}'])
+        assert train.check_config(cfg) == []
+        return cfg
+    cfg = recipe()
+    assert cfg['max_minutes'] == 15 and cfg['lr_decay_iters'] == 0 and cfg['device'] == 'cpu'
+    assert cfg['dtype'] == ('bfloat16' if common.cpu_has_bf16_matmul() else 'float32')
+    for name in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'):
+        monkeypatch.setattr(torch.cpu, name, lambda: False)
+    assert recipe()['dtype'] == 'float32'
+    monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: True)
+    assert recipe()['dtype'] == 'bfloat16'
+
+
 def fitted_max_iters(stdout, budget):
     return int(re.search(rf'^--max_minutes={budget}: max_iters=(\d+) \(', stdout, re.M).group(1))
 
@@ -444,21 +473,10 @@ def test_max_minutes_fixes_the_schedule_once_and_a_resume_keeps_it(data_dir, tmp
     `--max_iters=N` run, bit for bit. So the budget only chose N: the warmup (as long as the
     calibration) and the cosine over N steps are the same schedule, and the resume kept N."""
     budget = ['--max_minutes=0.3', '--warmup_iters=10', '--lr_decay_iters=0', '--eval_interval=20']
-    proc = subprocess.Popen([sys.executable, 'train.py', TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}',
-                             '--report=False', *budget], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=script_env())
-    seen = []
-    try:
-        for line in proc.stdout:
-            seen.append(line)
-            if line.startswith(f'iter {train.CALIBRATION_STEPS + 3}/'):
-                proc.send_signal(signal.SIGTERM)
-                break
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, stderr
-    fitted = fitted_max_iters(''.join(seen), 0.3)
+    stdout, stderr, returncode = train_until_sigterm(f'iter {train.CALIBRATION_STEPS + 3}/', f'--data_dir={data_dir}',
+                                                     f'--out_dir={tmp_path}', '--report=False', *budget)
+    assert returncode == 128 + signal.SIGTERM, stderr
+    fitted = fitted_max_iters(stdout, 0.3)
     assert fitted > train.CALIBRATION_STEPS + 10
     ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
     assert ckpt['budget_fixed'] and ckpt['config']['max_iters'] == fitted and ckpt['iter_num'] < fitted
