@@ -16,6 +16,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -476,7 +477,7 @@ def train_loop(cfg, run, model, model_args, train_model, eval_model, optimizer, 
         if calibrating:
             calibration_dts.append(dt)
             if len(calibration_dts) == CALIBRATION_STEPS:  # the first step (allocations) is not counted
-                step_s = sum(calibration_dts[1:]) / (CALIBRATION_STEPS - 1)
+                step_s = statistics.median(calibration_dts[1:])  # one step slowed by a neighbour does not count
                 cfg['max_iters'] = fit_to_budget(cfg, run, model, it, step_s, eval_s, loss_s, len(splits['val']))
                 run['budget_fixed'] = True
                 warning = cut_warmup(cfg)
