@@ -309,6 +309,12 @@ def start_log(cfg, start_iter):
     return next((r.get('elapsed_s', 0.0) for r in reversed(rows) if 'elapsed_s' in r), 0.0)
 
 
+def append_log(cfg, row):
+    """One JSON row at the end of out_dir/log.jsonl: an evaluation's or a step's."""
+    with open(os.path.join(cfg['out_dir'], 'log.jsonl'), 'a') as f:
+        f.write(json.dumps(row) + '\n')
+
+
 def rng_states(run):
     """Every rank's random streams (dropout, data windows), so resume repeats them exactly."""
     mine = {'torch': torch.get_rng_state(), 'data': run['data_gen'].get_state(),
@@ -366,12 +372,11 @@ def evaluate(cfg, run, model, model_args, eval_model, optimizer, scaler, splits,
         return best_val_loss, loss_s
     row = {'iter': it, 'tokens': it * run['tokens_per_iter'], 'train_loss': losses['train'],
            'val_loss': losses['val'], 'lr': get_lr(it, cfg), **row}
-    with open(os.path.join(cfg['out_dir'], 'log.jsonl'), 'a') as f:
-        f.write(json.dumps(row) + '\n')
+    append_log(cfg, row)
     improved = losses['val'] < best_val_loss
     best_val_loss = min(best_val_loss, losses['val'])
     if it > 0 and improved:
-        save_checkpoint(cfg, model, model_args, it, best_val_loss)
+        save_checkpoint(cfg, model, model_args, it, best_val_loss, budget_fixed=run['budget_fixed'])
     if improved or cfg['always_save_checkpoint'] or it == cfg['max_iters']:
         save_checkpoint(cfg, model, model_args, it, best_val_loss, optimizer, scaler, rng, run['budget_fixed'])
         print(f"saved {cfg['out_dir']}/ckpt.pt" + (" and best_model_params.pt" if it > 0 and improved else ""))
@@ -431,7 +436,6 @@ def train_loop(cfg, run, model, model_args, train_model, eval_model, optimizer, 
     t_start = t_window = time.time()
     iters_window, train_time, ema_dt = 0, 0.0, None
     calibration_dts, eval_s, loss_s = [], None, None  # for --max_minutes
-    log_path = os.path.join(cfg['out_dir'], 'log.jsonl')
     while True:
         calibrating = cfg['max_minutes'] > 0 and not run['budget_fixed']
         at_resume_point = cfg['init_from'] == 'resume' and it == start_iter  # evaluated before saving
@@ -485,9 +489,7 @@ def train_loop(cfg, run, model, model_args, train_model, eval_model, optimizer, 
                     print(warning)
                 t_window = time.time()  # the fitting is not a training step
         if run['master']:  # the loss and LR of every step, for the loss curve
-            with open(log_path, 'a') as f:
-                f.write(json.dumps({'iter': it, 'tokens': it * tokens_per_iter, 'loss': round(lossf, 4),
-                                    'lr': lr}) + '\n')
+            append_log(cfg, {'iter': it, 'tokens': it * tokens_per_iter, 'loss': round(lossf, 4), 'lr': lr})
         if it % cfg['log_interval'] == 0 and run['master']:
             mfu = model.estimate_mfu(tokens_per_iter / world_size, ema_dt, peak)
             print(f"iter {it}/{cfg['max_iters']} | loss {lossf:.4f} | lr {lr:.2e} | {ema_dt * 1000:.0f} ms/iter | "
