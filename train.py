@@ -76,6 +76,10 @@ compile = False                  # torch.compile the model (faster on GPUs, slow
 backend = 'auto'                 # DDP backend; auto: nccl on CUDA, gloo otherwise
 peak_flops = 0.0                 # device peak FLOP/s for MFU; 0: measure a dense matmul at startup
 report = True                    # at the end, write out_dir/report.md (eval.py's report card)
+# Weights & Biases, as nanoGPT spells it (pip install wandb; W&B's files go to out_dir/wandb)
+wandb_log = False                # also send log.jsonl's rows and the resolved config to a W&B run (rank 0)
+wandb_project = 'slm'            # the W&B project
+wandb_run_name = ''              # the W&B run's name ('': W&B picks one)
 # -----------------------------------------------------------------------------
 
 MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != 'vocab_size']  # from the config; vocab: the data's
@@ -180,6 +184,11 @@ def check_config(cfg):
     if cfg['backend'] not in ('auto', 'nccl', 'gloo'):
         die(f"backend must be auto, nccl or gloo, got {cfg['backend']!r}")
     check_writable(cfg['out_dir'], '--out_dir')  # before minutes of training, not at the first save
+    if cfg['wandb_log']:
+        try:
+            import wandb  # noqa: F401  only when asked for: wandb is not a requirement
+        except ImportError:
+            die("--wandb_log=True needs the wandb package, which is not installed: pip install wandb")
     if cfg['max_minutes'] and not cfg['eval_only']:
         return []  # max_iters is not known yet: fit_to_budget cuts the warmup if needed
     return [w for w in [cut_warmup(cfg)] if w]
@@ -230,6 +239,7 @@ def setup(cfg):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return dict(t0=time.time(), budget_fixed=False,  # --max_minutes counts from here; max_iters not yet fitted
+                wandb=None, wandb_id=None,  # the W&B run (rank 0, --wandb_log) and its id, kept in ckpt.pt
                 ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size, master=rank == 0,
                 device=device, device_type=device_type, dtype=dtype, ctx=autocast(device, dtype),
                 accum=accum // world_size,  # each process does its share of the micro-batches
@@ -248,6 +258,7 @@ def read_resume_checkpoint(cfg, run, log):
     if changed:
         log(f"resume: model shape from the checkpoint, ignoring {', '.join(f'{k}={cfg[k]}' for k in changed)}")
     cfg.update({k: ckpt['model_args'][k] for k in MODEL_KEYS})
+    run['wandb_id'] = ckpt.get('wandb_run_id')  # continue that W&B run, so the curves join
     if cfg['max_minutes'] and ckpt.get('budget_fixed'):
         cfg.update({k: ckpt['config'][k] for k in ('max_iters', 'warmup_iters')})
         run['budget_fixed'] = True
@@ -309,10 +320,33 @@ def start_log(cfg, start_iter):
     return next((r.get('elapsed_s', 0.0) for r in reversed(rows) if 'elapsed_s' in r), 0.0)
 
 
-def append_log(cfg, row):
-    """One JSON row at the end of out_dir/log.jsonl: an evaluation's or a step's."""
+def append_log(cfg, run, row):
+    """One JSON row at the end of out_dir/log.jsonl: an evaluation's or a step's; and to W&B."""
     with open(os.path.join(cfg['out_dir'], 'log.jsonl'), 'a') as f:
         f.write(json.dumps(row) + '\n')
+    if run['wandb']:
+        run['wandb'].log(wandb_row(row), step=row['iter'])
+
+
+def start_wandb(cfg, run):
+    """--wandb_log (rank 0): a W&B run with the resolved config, or on resume the checkpoint's
+    W&B run continued (its config updated: init_from and anything passed anew)."""
+    import wandb
+    resume = run['wandb_id'] is not None
+    run['wandb'] = wandb.init(project=cfg['wandb_project'], name=cfg['wandb_run_name'] or None, config=cfg,
+                              dir=cfg['out_dir'], id=run['wandb_id'], resume='allow' if resume else None,
+                              allow_val_change=resume)
+    run['wandb_id'] = run['wandb'].id
+
+
+def wandb_row(row):
+    """A log.jsonl row under W&B names: an evaluation's as nanoGPT logs them (train/loss,
+    val/loss, lr, mfu, ...), a step's batch loss and LR under step/ (the evaluation at the same
+    iter reports the next step's LR under lr)."""
+    if 'loss' in row:  # a step's row
+        return {'iter': row['iter'], 'tokens': row['tokens'], 'step/loss': row['loss'], 'step/lr': row['lr']}
+    names = {'train_loss': 'train/loss', 'val_loss': 'val/loss'}
+    return {names.get(k, k): v for k, v in row.items()}
 
 
 def rng_states(run):
@@ -326,12 +360,12 @@ def rng_states(run):
     return states
 
 
-def save_checkpoint(cfg, model, model_args, it, best_val_loss, optimizer=None, scaler=None, rng=None,
-                    budget_fixed=False):
+def save_checkpoint(cfg, run, model, model_args, it, best_val_loss, optimizer=None, scaler=None, rng=None):
     """best_model_params.pt (weights only) without optimizer; ckpt.pt, all a resume needs, with it.
-    budget_fixed: config's max_iters was fitted by --max_minutes (a resume keeps it)."""
-    state = {'model': model.state_dict(), 'model_args': model_args, 'config': cfg,
-             'iter_num': it, 'best_val_loss': best_val_loss, 'budget_fixed': budget_fixed}
+    budget_fixed: config's max_iters was fitted by --max_minutes (a resume keeps it);
+    wandb_run_id: the W&B run that a resume continues (None without --wandb_log)."""
+    state = {'model': model.state_dict(), 'model_args': model_args, 'config': cfg, 'iter_num': it,
+             'best_val_loss': best_val_loss, 'budget_fixed': run['budget_fixed'], 'wandb_run_id': run['wandb_id']}
     if optimizer is None:
         torch_save(state, os.path.join(cfg['out_dir'], 'best_model_params.pt'))
         return
@@ -372,13 +406,13 @@ def evaluate(cfg, run, model, model_args, eval_model, optimizer, scaler, splits,
         return best_val_loss, loss_s
     row = {'iter': it, 'tokens': it * run['tokens_per_iter'], 'train_loss': losses['train'],
            'val_loss': losses['val'], 'lr': get_lr(it, cfg), **row}
-    append_log(cfg, row)
+    append_log(cfg, run, row)
     improved = losses['val'] < best_val_loss
     best_val_loss = min(best_val_loss, losses['val'])
     if it > 0 and improved:
-        save_checkpoint(cfg, model, model_args, it, best_val_loss, budget_fixed=run['budget_fixed'])
+        save_checkpoint(cfg, run, model, model_args, it, best_val_loss)
     if improved or cfg['always_save_checkpoint'] or it == cfg['max_iters']:
-        save_checkpoint(cfg, model, model_args, it, best_val_loss, optimizer, scaler, rng, run['budget_fixed'])
+        save_checkpoint(cfg, run, model, model_args, it, best_val_loss, optimizer, scaler, rng)
         print(f"saved {cfg['out_dir']}/ckpt.pt" + (" and best_model_params.pt" if it > 0 and improved else ""))
     return best_val_loss, loss_s
 
@@ -487,9 +521,11 @@ def train_loop(cfg, run, model, model_args, train_model, eval_model, optimizer, 
                 warning = cut_warmup(cfg)
                 if warning and run['master']:
                     print(warning)
+                if run['wandb']:
+                    run['wandb'].config.update({k: cfg[k] for k in ('max_iters', 'warmup_iters')}, allow_val_change=True)
                 t_window = time.time()  # the fitting is not a training step
         if run['master']:  # the loss and LR of every step, for the loss curve
-            append_log(cfg, {'iter': it, 'tokens': it * tokens_per_iter, 'loss': round(lossf, 4), 'lr': lr})
+            append_log(cfg, run, {'iter': it, 'tokens': it * tokens_per_iter, 'loss': round(lossf, 4), 'lr': lr})
         if it % cfg['log_interval'] == 0 and run['master']:
             mfu = model.estimate_mfu(tokens_per_iter / world_size, ema_dt, peak)
             print(f"iter {it}/{cfg['max_iters']} | loss {lossf:.4f} | lr {lr:.2e} | {ema_dt * 1000:.0f} ms/iter | "
@@ -498,12 +534,15 @@ def train_loop(cfg, run, model, model_args, train_model, eval_model, optimizer, 
         if stop:
             rng = rng_states(run)
             if run['master']:
-                save_checkpoint(cfg, model, model_args, it, best_val_loss, optimizer, scaler, rng, run['budget_fixed'])
+                save_checkpoint(cfg, run, model, model_args, it, best_val_loss, optimizer, scaler, rng)
                 print(f"interrupted at iter {it}: saved {cfg['out_dir']}/ckpt.pt; "
                       f"continue with --init_from=resume", flush=True)
+            code = 128 + (_stop_signal or signal.SIGTERM)  # 130 after Ctrl-C, 143 after SIGTERM
+            if run['wandb']:
+                run['wandb'].finish(exit_code=code)
             if run['ddp']:
                 dist.destroy_process_group()
-            sys.exit(128 + (_stop_signal or signal.SIGTERM))  # 130 after Ctrl-C, 143 after SIGTERM
+            sys.exit(code)
 
 
 def write_report(cfg, device, dtype):
@@ -562,6 +601,8 @@ def main(argv=None):
 
     # the loop, then the end
     elapsed_before = start_log(cfg, start_iter) if master and not cfg['eval_only'] else 0.0
+    if master and cfg['wandb_log'] and not cfg['eval_only']:
+        start_wandb(cfg, run)
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     it, best_val_loss = train_loop(cfg, run, model, model_args, train_model, eval_model, optimizer, scaler,
@@ -571,6 +612,8 @@ def main(argv=None):
               f"{' (GPU)' if run['device_type'] == 'cuda' else ' (RSS)'}; wrote {plot_log(cfg['out_dir'])}")
         if cfg['report']:
             write_report(cfg, device, dtype)
+        if run['wandb']:
+            run['wandb'].finish()
     if run['ddp']:
         dist.destroy_process_group()
 

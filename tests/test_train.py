@@ -297,7 +297,7 @@ def test_training_writes_checkpoints_log_and_plot(run_a):
     cfg = torch.load(out / 'ckpt.pt', weights_only=True)['config']
     assert [r['lr'] for r in steps] == [train.get_lr(i, cfg) for i in range(8)]
     best = torch.load(out / 'best_model_params.pt', weights_only=True)
-    assert set(best) == {'model', 'model_args', 'config', 'iter_num', 'best_val_loss', 'budget_fixed'}
+    assert set(best) == {'model', 'model_args', 'config', 'iter_num', 'best_val_loss', 'budget_fixed', 'wandb_run_id'}
     assert best['best_val_loss'] == min(r['val_loss'] for r in rows[1:])
     assert best['config']['n_embd'] == 32 and best['model_args']['vocab_size'] == 50257
     ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
@@ -384,6 +384,78 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(run_a, data_dir, tmp_pa
     assert all(after[i] == straight[i] for i in after)
     assert read_log(tmp_path)[-1]['val_loss'] == read_log(out_a)[-1]['val_loss']
     assert_same_state(out_a, tmp_path)
+
+
+def wandb_runs(out_dir):
+    """The offline W&B runs under out_dir/wandb, oldest first, read from their .wandb files
+    (wandb's own reader is gone from its Python package): [(run id, name, project, config,
+    {step: {key: value}})]. The files are a LevelDB log (32 KiB blocks of records, each with a
+    7-byte header: crc, length, type) of wandb's protobuf Records, after a 7-byte ':W&B' header."""
+    from wandb.proto.wandb_internal_pb2 import Record
+    runs = []
+    for path in sorted(out_dir.glob('wandb/offline-run-*/run-*.wandb')):
+        data, pos, part = path.read_bytes(), 7, b''
+        assert data[:4] == b':W&B'
+        run_id = name = project = None
+        config, history = {}, {}
+        while pos + 7 <= len(data):
+            if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+                pos += 32768 - pos % 32768
+                continue
+            length, kind = int.from_bytes(data[pos + 4:pos + 6], 'little'), data[pos + 6]
+            part, pos = part + data[pos + 7:pos + 7 + length], pos + 7 + length
+            if kind not in (1, 4):  # FULL or LAST ends a record; FIRST and MIDDLE continue it
+                continue
+            record, part = Record.FromString(part), b''
+            which = record.WhichOneof('record_type')
+            if which == 'run':
+                run_id, name, project = record.run.run_id, record.run.display_name, record.run.project
+                config.update((u.key, json.loads(u.value_json)) for u in record.run.config.update)
+            elif which == 'config':
+                config.update((u.key, json.loads(u.value_json)) for u in record.config.update)
+            elif which == 'history':
+                items = {(i.key or '/'.join(i.nested_key)): json.loads(i.value_json) for i in record.history.item}
+                history[record.history.step.num] = {k: v for k, v in items.items() if not k.startswith('_')}
+        runs.append((run_id, name, project, config, history))
+    return runs
+
+
+def test_wandb_logs_the_log_rows_and_config_and_a_resume_continues_the_run(data_dir, tmp_path, monkeypatch):
+    """--wandb_log=True with WANDB_MODE=offline (no network): stopped by SIGTERM and resumed,
+    the two offline runs are one W&B run (its id kept in ckpt.pt), together holding every row of
+    log.jsonl at its iter, under W&B names, and the resolved config."""
+    monkeypatch.setenv('WANDB_MODE', 'offline')
+    flags = ['--wandb_log=True', '--wandb_project=slm-test', '--wandb_run_name=tiny']
+    stdout, stderr, returncode = train_until_sigterm('iter 3/', f'--data_dir={data_dir}', f'--out_dir={tmp_path}',
+                                                     '--report=False', *flags)
+    assert returncode == 128 + signal.SIGTERM, stderr
+    stopped = torch.load(tmp_path / 'ckpt.pt', weights_only=True)['iter_num']
+    assert 3 <= stopped < 8
+    resumed = run_train(f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--init_from=resume', *flags)
+    assert resumed.returncode == 0, resumed.stderr
+
+    (id1, name1, project1, config1, hist1), (id2, name2, project2, config2, hist2) = wandb_runs(tmp_path)
+    assert id1 == id2 == torch.load(tmp_path / 'ckpt.pt', weights_only=True)['wandb_run_id']
+    assert name1 == name2 == 'tiny' and project1 == project2 == 'slm-test'
+    assert config1['batch_size'] == 8 and config1['init_from'] == 'scratch' and config2['init_from'] == 'resume'
+    assert max(hist1) == stopped and min(hist2) == stopped + 1  # the curves join: no gap, no overlap
+    logged = {**hist1, **hist2}
+    rows = read_log(tmp_path) + read_log(tmp_path, steps=True)
+    assert sorted(logged) == sorted({row['iter'] for row in rows}) == list(range(9))
+    for row in rows:
+        assert train.wandb_row(row).items() <= logged[row['iter']].items(), row
+    assert {'train/loss', 'val/loss', 'lr', 'mfu', 'tokens_per_s', 'step/loss', 'step/lr'} <= logged[8].keys()
+
+
+def test_wandb_log_without_wandb_installed_says_how_to_install_it(data_dir, tmp_path, monkeypatch):
+    shim = tmp_path / 'no_wandb'
+    shim.mkdir()
+    (shim / 'wandb.py').write_text("raise ImportError(\"No module named 'wandb'\")\n")
+    monkeypatch.setenv('PYTHONPATH', str(shim))
+    r = run_train(f'--data_dir={data_dir}', f'--out_dir={tmp_path}/out', '--wandb_log=True')
+    assert r.returncode == 1 and r.stderr.strip() == (
+        'error: --wandb_log=True needs the wandb package, which is not installed: pip install wandb')
+    assert not (tmp_path / 'out').exists()
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(run_a, data_dir, tmp_path):
@@ -585,15 +657,20 @@ def test_a_compiled_run_resumes_exactly(run_compiled, data_dir, tmp_path):
     assert_same_state(run_compiled[0], tmp_path)
 
 
-def test_ddp_with_max_minutes(data_dir, tmp_path):
+def test_ddp_with_max_minutes_and_wandb(data_dir, tmp_path, monkeypatch):
     """torchrun, 2 gloo processes, --max_minutes: rank 0 fits max_iters and both ranks stop there
-    (a rank that went on alone would hang in the next all-reduce)."""
-    r = run_train(f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--max_minutes=0.3', launcher=TORCHRUN)
+    (a rank that went on alone would hang in the next all-reduce). With --wandb_log only rank 0
+    logs to W&B, and the W&B config gets the fitted max_iters."""
+    monkeypatch.setenv('WANDB_MODE', 'offline')
+    r = run_train(f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--max_minutes=0.3', '--wandb_log=True',
+                  launcher=TORCHRUN)
     assert r.returncode == 0, r.stderr
     fitted = fitted_max_iters(r.stdout, 0.3)
     assert r.stdout.count('--max_minutes=0.3: max_iters=') == 1 and f'done: {fitted} iters' in r.stdout
     ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
     assert ckpt['budget_fixed'] and ckpt['iter_num'] == fitted and len(ckpt['rng']) == 2
+    [(_, _, project, config, history)] = wandb_runs(tmp_path)  # one W&B run: rank 1 logs nothing
+    assert project == 'slm' and config['max_iters'] == fitted and sorted(history) == list(range(fitted + 1))
 
 
 def test_ddp_with_compile(run_ddp, data_dir, tmp_path):
