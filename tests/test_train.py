@@ -425,7 +425,7 @@ def test_wandb_logs_the_log_rows_and_config_and_a_resume_continues_the_run(data_
     the two offline runs are one W&B run (its id kept in ckpt.pt), together holding every row of
     log.jsonl at its iter, under W&B names, and the resolved config."""
     monkeypatch.setenv('WANDB_MODE', 'offline')
-    flags = ['--wandb_log=True', '--wandb_project=slm-test', '--wandb_run_name=tiny']
+    flags = ['--wandb_log=True', '--wandb_project=tinystories', '--wandb_run_name=seed']  # as in the README
     stdout, stderr, returncode = train_until_sigterm('iter 3/', f'--data_dir={data_dir}', f'--out_dir={tmp_path}',
                                                      '--report=False', *flags)
     assert returncode == 128 + signal.SIGTERM, stderr
@@ -436,7 +436,7 @@ def test_wandb_logs_the_log_rows_and_config_and_a_resume_continues_the_run(data_
 
     (id1, name1, project1, config1, hist1), (id2, name2, project2, config2, hist2) = wandb_runs(tmp_path)
     assert id1 == id2 == torch.load(tmp_path / 'ckpt.pt', weights_only=True)['wandb_run_id']
-    assert name1 == name2 == 'tiny' and project1 == project2 == 'slm-test'
+    assert name1 == name2 == 'seed' and project1 == project2 == 'tinystories'
     assert config1['batch_size'] == 8 and config1['init_from'] == 'scratch' and config2['init_from'] == 'resume'
     assert max(hist1) == stopped and min(hist2) == stopped + 1  # the curves join: no gap, no overlap
     logged = {**hist1, **hist2}
