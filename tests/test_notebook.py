@@ -1,0 +1,68 @@
+"""SLM.ipynb executed as a user runs it: nbclient starts the python3 kernel in the repository
+folder and runs every cell, which drive the scripts. The one change: after the first cell (the
+recipe for this machine), a cell sets config/tiny.py and temp folders for data and output
+(sizes only, as tests/conftest.py allows). The notebook finds ../shared's stories and
+tokenizer files itself, as offline users' notebooks do."""
+import nbformat
+import pytest
+import torch
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+
+from conftest import REPO
+
+
+def shown(nb, snippet):
+    """What the one code cell whose source holds snippet showed: its stdout (a `!python` line's
+    output, stderr included), and its display data by MIME type."""
+    [cell] = [c for c in nb.cells if c.cell_type == 'code' and snippet in c.source]
+    stream = ''.join(o.text for o in cell.outputs if o.output_type == 'stream' and o.name == 'stdout')
+    data = {kind: value for o in cell.outputs for kind, value in o.get('data', {}).items()}
+    return stream, data
+
+
+def test_the_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
+    nb = nbformat.read(REPO / 'SLM.ipynb', as_version=4)
+    code = [c for c in nb.cells if c.cell_type == 'code']
+    assert all(not c.outputs and c.execution_count is None for c in code), 'commit SLM.ipynb with outputs cleared'
+    out = tmp_path / 'out'
+    tiny = nbformat.v4.new_code_cell(f"TRAIN = 'config/tiny.py'\nDATA_DIR = {str(tmp_path / 'data')!r}\n"
+                                     f"OUT_DIR = {str(out)!r}")
+    nb.cells.insert(nb.cells.index(code[0]) + 1, tiny)
+    monkeypatch.delenv('TIKTOKEN_CACHE_DIR', raising=False)  # the notebook's offline path sets it
+    NotebookClient(nb, timeout=600, kernel_name='python3', resources={'metadata': {'path': str(REPO)}}).execute()
+
+    recipe, _ = shown(nb, "TRAIN = 'config/tinystories_cpu.py'")
+    assert ('No GPU: the CPU recipe, 15 minutes' in recipe) == (not torch.cuda.is_available()), recipe
+    assert 'data: --train_files=../shared/data/tinystories/train.txt' in shown(nb, 'REPO_URL = ')[0]
+    assert '2,800 stories' in shown(nb, '!python prepare.py')[0] and (tmp_path / 'data' / 'meta.json').is_file()
+    trained = shown(nb, '!python train.py')[0]
+    assert 'iter 8/8' in trained and 'done: 8 iters' in trained and 'report.md' in trained
+    assert 'image/png' in shown(nb, "Image(f'{OUT_DIR}/loss_curve.png')")[1]
+    report = shown(nb, "open(f'{OUT_DIR}/report.md')")[1]['text/markdown']
+    assert report.startswith('# SLM run report') and 'val loss, full pass' in report
+    stories = shown(nb, '!python sample.py')[0]
+    assert stories.count('Once upon a time') == 2, stories
+    assert (out / 'slm-hf' / 'model.safetensors').is_file()
+    hf_story = shown(nb, 'AutoModelForCausalLM')[0]
+    assert hf_story.startswith('Once upon a time') and len(hf_story.split()) > 10, hf_story
+
+
+def test_outside_a_checkout_the_setup_cell_clones_the_repository(tmp_path):
+    """A fresh Colab runtime: the kernel starts in an empty folder. Without REPO_URL the setup
+    cell stops with one line; with it (here: this repository's own git folder), it clones the
+    repository and continues inside it."""
+    nb = nbformat.read(REPO / 'SLM.ipynb', as_version=4)
+    recipe, setup = [c for c in nb.cells if c.cell_type == 'code'][:2]
+    nb.cells = [recipe, setup, nbformat.v4.new_code_cell("print(os.getcwd(), os.path.exists('model.py'))")]
+    client = NotebookClient(nb, timeout=300, kernel_name='python3', resources={'metadata': {'path': str(tmp_path)}})
+    with client.setup_kernel():
+        client.execute_cell(recipe, 0)
+        with pytest.raises(CellExecutionError) as stopped:
+            client.execute_cell(setup, 1)
+        assert 'SystemExit' in str(stopped.value) and ('This notebook runs in the SLM repository: '
+                                                       'set REPO_URL above to clone it') in str(stopped.value)
+        setup.source = setup.source.replace("REPO_URL = ''", f'REPO_URL = {str(REPO)!r}', 1)
+        client.execute_cell(setup, 1)
+        client.execute_cell(nb.cells[2], 2)
+    assert nb.cells[2].outputs[0].text.strip() == f'{tmp_path / "slm"} True'
