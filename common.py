@@ -420,6 +420,21 @@ def get_tokenizer(timeout=120):
     return result['enc']
 
 
+def story_text(enc, token_ids):
+    """The text of a story's token ids, in pieces as they come, up to its <|endoftext|>
+    (sample.py prints them, serve.py streams them). A character can span tokens, so bytes are
+    decoded incrementally: whole characters only. An id past the tokenizer's vocabulary (a
+    model with a padded one could pick it) has no text."""
+    import codecs
+    decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
+    for token in token_ids:
+        if token == enc.eot_token:
+            break
+        if token < enc.n_vocab:
+            yield decoder.decode(enc.decode_single_token_bytes(token))
+    yield decoder.decode(b'', final=True)
+
+
 # -----------------------------------------------------------------------------
 # stories: TinyStories-layout text files (each story followed by a line <|endoftext|>)
 

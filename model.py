@@ -331,11 +331,12 @@ def window_steps(prompt_len, max_new_tokens, block_size, use_kv_cache=True, fast
 
 @torch.no_grad()
 def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eot_token=None,
-                    use_kv_cache=True, fast_window=False):
+                    use_kv_cache=True, fast_window=False, generator=None):
     """model.generate_stream: yield the next token of every row of idx (B, T), a (B,) tensor,
     step by step. use_kv_cache and fast_window: see window_steps. temperature 0 is greedy; see
     sample_logits for top_k and top_p. With eot_token, a row that has produced it yields
-    eot_token from then on, and the stream ends once all have. Call model.eval() first."""
+    eot_token from then on, and the stream ends once all have. The draws come from generator
+    (a torch.Generator: serve.py's per request), else torch's global one. Call model.eval() first."""
     B, T = idx.shape
     if T == 0:
         raise ValueError("generate needs a prompt of at least one token (e.g. <|endoftext|>)")
@@ -351,7 +352,7 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
     for run, pos in window_steps(T, max_new_tokens, model.config.block_size, use_kv_cache, fast_window):
         with packed:
             logits = model(tokens[:, n - run:n], kv_cache=cache, pos=pos)[0][:, -1]
-        next_token = sample_logits(logits, temperature, top_k, top_p)
+        next_token = sample_logits(logits, temperature, top_k, top_p, generator)
         if eot_token is not None:
             next_token.masked_fill_(finished, eot_token)  # rows already done only pad
             finished |= next_token == eot_token
@@ -388,7 +389,7 @@ def sampling_problem(temperature, top_k, top_p):
     return None
 
 
-def sample_logits(logits, temperature=1.0, top_k=None, top_p=None):
+def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """One token id per row of logits (B, V): argmax at temperature 0, else a draw from
     softmax(logits / temperature) restricted to the top_k most likely tokens and then to
     the nucleus: the fewest most-likely tokens whose probabilities add up to >= top_p."""
@@ -396,7 +397,7 @@ def sample_logits(logits, temperature=1.0, top_k=None, top_p=None):
         return logits.argmax(dim=-1)
     nucleus = top_p is not None and top_p < 1.0
     if not top_k and not nucleus:  # top_k 0 or None: all tokens
-        return draw(F.softmax(logits.float() / temperature, dim=-1))
+        return draw(F.softmax(logits.float() / temperature, dim=-1), generator)
     if top_k:
         # the top_k are the same before and after dividing by temperature: divide only them
         top_logits, top_idx = torch.topk(logits, min(top_k, logits.size(-1)))  # most likely first
@@ -413,18 +414,20 @@ def sample_logits(logits, temperature=1.0, top_k=None, top_p=None):
     if nucleus:
         # drop a token once the more likely ones before it already reach top_p (keeps >= 1 token)
         probs[probs.cumsum(dim=-1) - probs >= top_p] = 0.0
-    return top_idx.gather(-1, draw(probs).unsqueeze(1)).squeeze(1)
+    return top_idx.gather(-1, draw(probs, generator).unsqueeze(1)).squeeze(1)
 
 
-def draw(probs):
-    """One index per row of probs (B, V), index i with probability probs[i] / probs.sum().
+def draw(probs, generator=None):
+    """One index per row of probs (B, V), index i with probability probs[i] / probs.sum(),
+    from generator (None: torch's global one).
 
     Inverse CDF: one uniform number per row. (torch.multinomial draws one exponential per
     entry: about 1 ms per token on a CPU over 50k tokens, a tenth of a generation step.)
     """
     cdf = probs.cumsum(dim=-1)
     total = cdf[:, -1:]
-    u = torch.rand_like(total) * torch.nextafter(total, torch.zeros_like(total))  # in [0, total)
+    u = torch.rand(total.shape, generator=generator, dtype=total.dtype, device=total.device)
+    u *= torch.nextafter(total, torch.zeros_like(total))  # in [0, total)
     # the first entry whose cdf exceeds u; zero-probability entries never are the first
     return torch.searchsorted(cdf, u, right=True).squeeze(1)
 

@@ -10,7 +10,6 @@ Every sample starts as a fresh story (after <|endoftext|>, which the training da
 before each story) and ends at the model's next <|endoftext|> or after max_new_tokens.
 The text goes to stdout; warnings and the speed summary go to stderr.
 """
-import codecs
 import os
 import sys
 import time
@@ -18,7 +17,7 @@ import time
 import torch
 
 from common import (autocast, check_generation_flags, config_defaults, die, get_tokenizer, load_model,
-                    parse_config, pick_device, pick_dtype)
+                    parse_config, pick_device, pick_dtype, story_text)
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'          # reads out_dir/best_model_params.pt, the best checkpoint train.py saved
@@ -64,19 +63,12 @@ def read_prompt(start):
 
 
 def print_story(enc, token_ids, out):
-    """Write token ids to out as text as they come, up to <|endoftext|>; returns how many were
-    read. A character can span tokens, so bytes are decoded incrementally: whole characters only."""
-    decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
-    n = 0
-    for token in token_ids:
-        n += 1
-        if token == enc.eot_token:
-            break
-        if token < enc.n_vocab:  # a model with a padded vocabulary could pick an id no text has
-            out.write(decoder.decode(enc.decode_single_token_bytes(token)))
-            out.flush()
-    out.write(decoder.decode(b'', final=True))
-    return n
+    """Write token ids to out as text as they come, up to <|endoftext|>; returns how many were read."""
+    read = []
+    for piece in story_text(enc, (read.append(t) or t for t in token_ids)):
+        out.write(piece)
+        out.flush()
+    return len(read)
 
 
 def main(argv=None):
@@ -85,7 +77,6 @@ def main(argv=None):
     prompt = read_prompt(cfg['start'])  # a bad prompt file stops before the model loads
     dev = pick_device(cfg['device'])
     precision = pick_dtype(cfg['dtype'], dev)
-    torch.manual_seed(cfg['seed'])
 
     model, _ = load_model(cfg['ckpt'] or os.path.join(cfg['out_dir'], 'best_model_params.pt'), dev)
     model.eval()
@@ -103,6 +94,9 @@ def main(argv=None):
         prompt = enc.decode(prompt_ids, errors='replace')
     ids = ([enc.eot_token] + prompt_ids)[-block_size:]
     x = torch.tensor([ids], dtype=torch.long, device=dev)
+    # the stories' own random stream: the same seed gives the same stories whatever else drew
+    # random numbers before (building the model does), and serve.py's equal ones
+    generator = torch.Generator(device=dev).manual_seed(cfg['seed'])
 
     n_tokens, t0 = 0, time.time()
     try:
@@ -111,7 +105,8 @@ def main(argv=None):
             with autocast(dev, precision):
                 stream = model.generate_stream(x, cfg['max_new_tokens'], cfg['temperature'], cfg['top_k'],
                                                cfg['top_p'], eot_token=enc.eot_token,
-                                               use_kv_cache=cfg['kv_cache'], fast_window=cfg['fast_window'])
+                                               use_kv_cache=cfg['kv_cache'], fast_window=cfg['fast_window'],
+                                               generator=generator)
                 n_tokens += print_story(enc, (token.item() for token in stream), sys.stdout)
             sys.stdout.write('\n---------------\n')
             sys.stdout.flush()
