@@ -1,4 +1,4 @@
-"""Bad values of every flag of sample.py, eval.py, export.py, plot.py and bench.py: each stops
+"""Bad values of every flag of sample.py, eval.py, export.py, plot.py, bench.py and serve.py: each stops
 with one line (error: <problem>: <fix>), no traceback, and writes nothing. One row per case,
 run in-process through the script's main(argv).
 
@@ -22,10 +22,12 @@ import eval as ev
 import export
 import plot
 import sample
+import serve
 from conftest import error_of
 from model import GPT, GPTConfig
 
-MAIN = {'sample': sample.main, 'eval': ev.main, 'export': export.main, 'plot': plot.main, 'bench': bench.main}
+MAIN = {'sample': sample.main, 'eval': ev.main, 'export': export.main, 'plot': plot.main, 'bench': bench.main,
+        'serve': serve.main}
 
 # flags every row of a script starts with (a row's own flags come later and win): the row
 # names its input and output, and should a check be missing the run stays small and quick
@@ -39,6 +41,7 @@ BASE = {
               '--iters=1', '--repeats=1', '--warmup=0', '--gemm_size=64', '--copy_mb=1', '--batches=1',
               '--new_tokens=2', '--prompt_tokens=2', '--nocache=False', '--mb=0.01', '--threads=1',
               '--device=cpu', '--json={T}/bench.json'],
+    'serve': ['--ckpt={F}/afile', '--port=0', '--device=cpu'],
 }
 
 CASES = [
@@ -161,6 +164,16 @@ CASES = [
     ('bench', ['--json={F}/adir'], 'is a folder, not a file'),
     ('bench', ['--json={F}/afile/bench.json'], 'cannot be made'),
     ('bench', ['--json={RO}/bench.json'], 'is not writable here'),
+    # serve.py (a row that got past its checks would serve forever: only rows that stop before binding)
+    ('serve', ['--nope=1'], 'unknown option --nope'),
+    ('serve', ['--port=70000'], '--port=70000 must be from 0 to 65535'),
+    ('serve', ['--port=-1'], '--port=-1 must be from 0 to 65535'),
+    ('serve', ['--concurrency=0'], '--concurrency must be at least 1, got 0'),
+    ('serve', ['--queue=-1'], '--queue must be 0 or more, got -1'),
+    ('serve', ['--max_tokens_limit=0'], '--max_tokens_limit must be at least 1, got 0'),
+    ('serve', [], 'afile'),
+    ('serve', ['--ckpt={T}/nope.pt'], 'nope.pt'),
+    ('serve', ['--ckpt=', '--out_dir={F}/adir'], 'best_model_params.pt'),
 ]
 
 

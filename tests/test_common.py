@@ -212,7 +212,7 @@ def test_loss_curve_shows_every_step_and_the_part_of_training_that_matters(tmp_p
     assert len(common.loss_figure(str(tmp_path)).axes[0].get_lines()) == 2
 
 
-SCRIPTS = ['prepare', 'train', 'sample', 'eval', 'export', 'plot', 'bench']
+SCRIPTS = ['prepare', 'train', 'sample', 'eval', 'export', 'plot', 'bench', 'serve']
 
 
 def imported_modules(name):
