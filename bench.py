@@ -5,6 +5,7 @@ Benchmark SLM on this machine, against limits measured on this machine in the sa
     python bench.py --what=train     # the training step: tokens/s, ms/iter, MFU, peak memory
     python bench.py --what=sample    # generation tokens/s, time to first token, vs the weight-read limit
     python bench.py --what=prepare   # tokenizing MB/s vs one core's encode_ordinary rate x cores
+    python bench.py --what=serve     # serve.py: streams/s and time to first token at 1, 4, 16 clients
     python bench.py --what=train --batch_size=16 --dtype=bfloat16 --compile=True --threads=2
 
 nanoGPT's MFU divides by an A100's datasheet peak, which says nothing on a CPU or an H100.
@@ -13,12 +14,17 @@ GEMM for FLOP/s, a large copy and matrix-vector product for memory bandwidth, on
 the tokenizer for prepare. The CPU is often shared: every figure is the best of several
 repeats (noise only ever slows a run down), with the median beside it.
 """
+import http.client
+import json as jsonlib
 import math
 import os
 import platform
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import redirect_stdout
 from dataclasses import fields
@@ -34,7 +40,7 @@ from prepare import prepare_files
 from train import get_batch, get_lr, train_step
 
 # -----------------------------------------------------------------------------
-what = 'peak'           # peak | train | sample | prepare
+what = 'peak'           # peak | train | sample | prepare | serve
 # the model: the seed config
 n_layer = 6             # transformer blocks
 n_head = 6              # attention heads per block
@@ -56,6 +62,10 @@ prompt_tokens = 10      # tokens of the prompt before the new ones
 temperature = 0.8       # as sample.py
 top_k = 200             # as sample.py (0 or None = all tokens)
 nocache = True          # also time nanoGPT's no-cache loop (the reference; slow at batch 8)
+# serve (random weights: no story ends early, each writes max_tokens)
+clients = '1,4,16'      # clients streaming at once, each level in turn
+max_tokens = 100        # tokens per story
+concurrency = 4         # serve.py's --concurrency (stories written at once; the rest queue)
 # prepare
 text = '../shared/data/tinystories/train.txt'  # a TinyStories-layout file, replicated to mb MB
 mb = 100.0              # MB of text to tokenize
@@ -446,8 +456,81 @@ def bench_prepare(cfg, device, dtype):
 
 
 # -----------------------------------------------------------------------------
+# serve: serve.py under load, as clients see it
 
-MODES = {'peak': bench_peak, 'train': bench_train, 'sample': bench_sample, 'prepare': bench_prepare}
+def stream_story(url, cfg, seed):
+    """One streaming completion: (seconds to its first text, seconds to its end, chunks, HTTP status)."""
+    host, port = url.removeprefix('http://').split(':')
+    conn = http.client.HTTPConnection(host, int(port), timeout=600)
+    body = {'prompt': 'Once upon a time', 'max_tokens': cfg['max_tokens'], 'temperature': cfg['temperature'],
+            'top_k': cfg['top_k'], 'seed': seed, 'stream': True}
+    t0 = time.perf_counter()
+    conn.request('POST', '/v1/completions', jsonlib.dumps(body), {'Content-Type': 'application/json'})
+    r = conn.getresponse()
+    first, chunks = None, 0
+    for line in r:
+        if line.startswith(b'data: {'):
+            chunks += 1
+            first = first or time.perf_counter() - t0
+    conn.close()
+    return first, time.perf_counter() - t0, chunks, r.status
+
+
+def bench_serve(cfg, device, dtype):
+    """serve.py (a subprocess, as users run it) with the bench model's random weights; at each
+    level N clients each stream stories back to back (16 in all, at least 2 per client)."""
+    levels, rows = int_list(cfg, 'clients'), []
+    with tempfile.TemporaryDirectory(prefix='slm_bench_') as tmp:
+        model = make_model(cfg, 'cpu')
+        ckpt = os.path.join(tmp, 'model.pt')
+        torch.save({'model': model.state_dict(), 'model_args': vars(model.config)}, ckpt)
+        env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+        server = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'serve.py'),
+                                   f'--ckpt={ckpt}', '--port=0', f'--device={device}', f'--dtype={dtype}',
+                                   f"--concurrency={cfg['concurrency']}", f"--queue={max(levels)}",
+                                   f"--max_tokens_limit={cfg['max_tokens']}"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        try:
+            url = next(m.group(1) for line in server.stdout if (m := re.search(r'on (http://[\d.]+:\d+)/', line)))
+            stream_story(url, cfg, 0)  # warm-up: first-call allocations, packed weights
+            for n in levels:
+                per_client = max(2, -(-16 // n))
+                results = []
+
+                def client(i):
+                    for k in range(per_client):
+                        results.append(stream_story(url, cfg, seed=1000 * i + k))
+                threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+                t0 = time.perf_counter()
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                wall = time.perf_counter() - t0
+                ok = [r for r in results if r[3] == 200]
+                ttft = sorted(r[0] for r in ok)
+                rows.append({'clients': n, 'streams': len(ok), 'rejected': len(results) - len(ok),
+                             'seconds': wall, 'streams_per_s': len(ok) / wall,
+                             'tokens_per_s': len(ok) * cfg['max_tokens'] / wall,
+                             'ttft_median': statistics.median(ttft), 'ttft_p90': ttft[int(0.9 * (len(ttft) - 1))],
+                             'stream_seconds_median': statistics.median(r[1] for r in ok)})
+        finally:
+            server.terminate()
+            server.wait(30)
+    print(f"serve.py --concurrency={cfg['concurrency']}, stories of {cfg['max_tokens']} tokens "
+          f"(random weights: none ends early), streamed; time to first token includes any wait in the queue")
+    print_table([['clients', 'streams', 'rejected', 'streams/s', 'tokens/s', 'first token median', 'p90',
+                  'story median']] +
+                [[str(r['clients']), str(r['streams']), str(r['rejected']), f"{r['streams_per_s']:.2f}",
+                  f"{r['tokens_per_s']:.0f}", f"{r['ttft_median'] * 1000:.0f} ms", f"{r['ttft_p90'] * 1000:.0f} ms",
+                  f"{r['stream_seconds_median']:.2f} s"] for r in rows])
+    return {'serve': rows}
+
+
+# -----------------------------------------------------------------------------
+
+MODES = {'peak': bench_peak, 'train': bench_train, 'sample': bench_sample, 'prepare': bench_prepare,
+         'serve': bench_serve}
 
 
 def check_config(cfg):
@@ -466,6 +549,8 @@ def check_config(cfg):
         die(f"--vocab_size={cfg['vocab_size']} does not fit the uint16 tokens train.py reads: use at most 65536")
     int_list(cfg, 'batches')  # dies on a bad list
     int_list(cfg, 'new_tokens')
+    int_list(cfg, 'clients')
+    check_counts(cfg, ('max_tokens', 'concurrency'), {})
     if cfg['what'] == 'sample' and cfg['prompt_tokens'] > cfg['block_size']:
         die(f"--prompt_tokens={cfg['prompt_tokens']} must be between 1 and block_size ({cfg['block_size']})")
     problem = sampling_problem(cfg['temperature'], cfg['top_k'], None)
