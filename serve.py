@@ -51,6 +51,7 @@ dtype = 'auto'             # float32, bfloat16 or float16; auto = bf16/fp16 on G
 
 MAX_BODY = 1 << 20         # bytes of JSON a request may send
 MAX_STOPS = 4              # stop sequences per request, as OpenAI allows
+MAX_STOP_CHARS = 256       # characters per stop sequence (each token checks them all)
 
 
 class BadRequest(Exception):
@@ -67,6 +68,8 @@ def check_request(body, cfg, enc, block_size):
         req = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadRequest(f"the body is not valid JSON ({e}): send a JSON object") from None
+    except RecursionError:
+        raise BadRequest("the body nests too deeply: send a flat JSON object") from None
     if not isinstance(req, dict):
         raise BadRequest("the body must be a JSON object, e.g. {\"prompt\": \"Once upon a time\"}")
 
@@ -78,7 +81,7 @@ def check_request(body, cfg, enc, block_size):
             raise BadRequest(f"{name}={json.dumps(value)} is not valid: it must be {rule}", param=name)
         return value
 
-    if req.get('model', cfg['model_name']) != cfg['model_name']:
+    if req.get('model') not in (None, cfg['model_name']):
         raise BadRequest(f"model {json.dumps(req['model'])} does not exist: this server has {cfg['model_name']!r}",
                          param='model', code='model_not_found')
     prompt = req.get('prompt', '')
@@ -93,8 +96,9 @@ def check_request(body, cfg, enc, block_size):
     stop = req.get('stop')
     stops = [stop] if isinstance(stop, str) else stop
     if stops is not None and not (isinstance(stops, list) and len(stops) <= MAX_STOPS
-                                  and all(isinstance(s, str) and s for s in stops)):
-        raise BadRequest(f"stop must be a non-empty string or a list of at most {MAX_STOPS} of them", param='stop')
+                                  and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)):
+        raise BadRequest(f"stop must be a string of 1 to {MAX_STOP_CHARS} characters or a list of at most "
+                         f"{MAX_STOPS} of them", param='stop')
     number = (int, float)
     checked = dict(
         prompt=prompt, ids=ids, stops=stops or [],
@@ -119,7 +123,7 @@ def check_request(body, cfg, enc, block_size):
 def held_back(text, stops):
     """How many characters at the end of text could start a stop sequence: they wait until the
     next piece says whether it is one."""
-    return max([k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])], default=0)
+    return max([k for s in stops for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])], default=0)
 
 
 def completion_events(model, enc, req, device):
@@ -211,9 +215,16 @@ class Worker:
 
 
 def client_gone(sock):
-    """Whether the client closed its end: its socket reads as ended (or reset)."""
+    """Whether the client closed its end: its socket reads as ended (or reset). poll, where there
+    is one: select cannot watch a socket numbered past 1023."""
     try:
-        return bool(select.select([sock], [], [], 0)[0]) and sock.recv(1, socket.MSG_PEEK) == b''
+        if hasattr(select, 'poll'):
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            readable = bool(poller.poll(0))
+        else:  # Windows
+            readable = bool(select.select([sock], [], [], 0)[0])
+        return readable and sock.recv(1, socket.MSG_PEEK) == b''
     except OSError:
         return True
 
@@ -292,7 +303,7 @@ class Handler(BaseHTTPRequestHandler):
                     event = job.out.get(timeout=0.5)
                 except queues.Empty:  # waiting for a turn: is the client still there?
                     if client_gone(self.connection):
-                        raise ConnectionResetError
+                        raise ConnectionAbortedError
                     continue
                 if event is None:
                     break
@@ -304,16 +315,17 @@ class Handler(BaseHTTPRequestHandler):
                     self.wfile.write(f"data: {json.dumps({**head, 'choices': [choice]})}\n\n".encode())
                     self.wfile.flush()
                 elif client_gone(self.connection):
-                    raise ConnectionResetError
+                    raise ConnectionAbortedError
             if req['stream']:
                 if job.error:
                     self.wfile.write(f"data: {json.dumps({'error': {'message': job.error, 'type': 'server_error'}})}\n\n".encode())
                 self.wfile.write(b"data: [DONE]\n\n")
                 return
-        except (BrokenPipeError, ConnectionResetError):
-            job.cancelled = True  # the worker stops this story at its next turn
+        except OSError:  # the client went away (reset, broken pipe, a write timed out)
             self.close_connection = True
             return
+        finally:
+            job.cancelled = True  # the worker stops the story at its next turn if it is not done
         if job.error:
             return self.send_json(500, {'error': {'message': job.error, 'type': 'server_error', 'param': None,
                                                   'code': None}})
@@ -414,7 +426,9 @@ $('write').onclick = async () => {
       for (const event of events) {
         const data = event.replace(/^data: /, '');
         if (data === '[DONE]') continue;
-        const choice = JSON.parse(data).choices[0];
+        const chunk = JSON.parse(data);
+        if (chunk.error) throw new Error(chunk.error.message);
+        const choice = chunk.choices[0];
         story.textContent += choice.text;
         finish = choice.finish_reason || finish;
       }

@@ -124,10 +124,12 @@ def test_the_openai_client_gets_the_stories_sample_py_writes(client, ckpt_path):
 
 
 def test_stop_sequences_cut_the_story_before_them(client):
+    """A stop sequence that spans two tokens (the end of one word, the space and the start of
+    the next): the streamed text must hold back the first part until it knows."""
     full = client.completions.create(model='slm', prompt='A dog', max_tokens=60, seed=3, temperature=1.5).choices[0]
-    words = full.text.split()
-    assert len(words) > 6, full.text
-    stop = ' ' + words[4]  # a word in the middle of the story
+    spaces = [i for i, c in enumerate(full.text) if c == ' ' and full.text[i - 2:i + 3].strip() == full.text[i - 2:i + 3]]
+    assert len(spaces) > 6, full.text
+    stop = full.text[spaces[4] - 2:spaces[4] + 3]  # 'og th' from '... dog the ...'
     cut = full.text[:full.text.index(stop)]
     done = client.completions.create(model='slm', prompt='A dog', max_tokens=60, seed=3, temperature=1.5,
                                      stop=[stop, 'zzzz never']).choices[0]
@@ -142,6 +144,8 @@ def test_models_health_and_unknown_routes(server):
     assert status == 200 and [m['id'] for m in json.loads(body)['data']] == ['slm']
     status, body = get(server, '/health')
     assert status == 200 and json.loads(body)['status'] == 'ok'
+    status, reply = post(server, {'model': None, 'prompt': 'A cat', 'max_tokens': 3})  # null: the default
+    assert status == 200 and reply['model'] == 'slm'
     status, body = get(server, '/nope')
     assert status == 404 and 'no route GET /nope' in json.loads(body)['error']['message']
 
@@ -149,6 +153,7 @@ def test_models_health_and_unknown_routes(server):
 @pytest.mark.parametrize('body, param, message', [
     (b'{"prompt": "A cat", ', None, 'the body is not valid JSON'),
     (b'[1, 2]', None, 'the body must be a JSON object'),
+    (b'[' * 100000, None, 'the body nests too deeply'),
     ({'prompt': 5}, 'prompt', 'prompt must be a string'),
     ({'prompt': 'A cat ' * 40}, 'prompt', 'the prompt is 81 tokens; this model reads at most 32'),
     ({'model': 'gpt-4'}, 'model', 'model "gpt-4" does not exist'),
@@ -164,7 +169,8 @@ def test_models_health_and_unknown_routes(server):
     ({'stream': 'yes'}, 'stream', 'stream="yes" is not valid'),
     ({'seed': -1}, 'seed', 'seed=-1 is not valid'),
     ({'stop': ['a', 'b', 'c', 'd', 'e']}, 'stop', 'at most 4'),
-    ({'stop': 7}, 'stop', 'stop must be a non-empty string'),
+    ({'stop': 7}, 'stop', 'stop must be a string of 1 to 256 characters'),
+    ({'stop': 'x' * 257}, 'stop', 'stop must be a string of 1 to 256 characters'),
     ({'echo': True}, 'echo', 'echo is not supported'),
 ])
 def test_bad_requests_get_a_400_with_an_openai_error_body(server, body, param, message):
@@ -225,6 +231,15 @@ def test_a_client_that_goes_away_stops_its_story(slow_server):
     full_300 = time.time() - t0
     assert status == 200 and reply['choices'][0]['finish_reason'] == 'length'
     sock = stream_request(slow_server, max_tokens=1024)  # ~3.4x as long as the 300 above
+    sock.close()
+    stopped = wait_until_idle(slow_server, 30)
+    assert stopped is not None and stopped < full_300 / 2, (stopped, full_300)
+    # not streaming: the server notices between tokens too
+    sock = socket.create_connection(tuple(slow_server.removeprefix('http://').split(':')), timeout=60)
+    body = json.dumps({'prompt': 'Once', 'max_tokens': 1024}).encode()
+    sock.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n' % len(body) + body)
+    time.sleep(0.3)
+    assert json.loads(get(slow_server, '/health')[1])['active'] == 1
     sock.close()
     stopped = wait_until_idle(slow_server, 30)
     assert stopped is not None and stopped < full_300 / 2, (stopped, full_300)
