@@ -333,9 +333,13 @@ def start_wandb(cfg, run):
     W&B run continued (its config updated: init_from and anything passed anew)."""
     import wandb
     resume = run['wandb_id'] is not None
-    run['wandb'] = wandb.init(project=cfg['wandb_project'], name=cfg['wandb_run_name'] or None, config=cfg,
-                              dir=cfg['out_dir'], id=run['wandb_id'], resume='allow' if resume else None,
-                              allow_val_change=resume)
+    try:
+        run['wandb'] = wandb.init(project=cfg['wandb_project'], name=cfg['wandb_run_name'] or None, config=cfg,
+                                  dir=cfg['out_dir'], id=run['wandb_id'], resume='allow' if resume else None,
+                                  allow_val_change=resume)
+    except Exception as e:  # no API key without a terminal to ask for one, no network, ...
+        die(f"W&B could not start a run ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): "
+            f"run `wandb login` (or set WANDB_API_KEY), or WANDB_MODE=offline to log locally")
     run['wandb_id'] = run['wandb'].id
 
 

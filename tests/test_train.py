@@ -35,7 +35,8 @@ def run_train(*args, launcher=(), timeout=300, report=False):
     """train.py as a user runs it. The report card at the end (eval.py's full pass and ten
     stories: ~30 s here, 3x the training) is on only where asked: run_a covers it."""
     cmd = [sys.executable, *launcher, 'train.py', TINY, *args, *([] if report else ['--report=False'])]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=script_env(), timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=script_env(), timeout=timeout,
+                          stdin=subprocess.DEVNULL)
 
 
 def step_losses(stdout):
@@ -456,6 +457,17 @@ def test_wandb_log_without_wandb_installed_says_how_to_install_it(data_dir, tmp_
     assert r.returncode == 1 and r.stderr.strip() == (
         'error: --wandb_log=True needs the wandb package, which is not installed: pip install wandb')
     assert not (tmp_path / 'out').exists()
+
+
+def test_wandb_log_without_an_api_key_stops_with_one_line(data_dir, tmp_path, monkeypatch):
+    """Online, no key and no terminal to ask for one (a notebook's `!` line, a batch job): one
+    line saying how to log in, no traceback, and nothing sent anywhere (wandb stops first)."""
+    monkeypatch.delenv('WANDB_API_KEY', raising=False)
+    monkeypatch.setenv('WANDB_MODE', 'online')
+    monkeypatch.setenv('HOME', str(tmp_path))  # no ~/.netrc with a key
+    r = run_train(f'--data_dir={data_dir}', f'--out_dir={tmp_path}/out', '--wandb_log=True')
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith('error: W&B could not start a run')
+    assert 'run `wandb login` (or set WANDB_API_KEY)' in r.stderr and 'Traceback' not in r.stderr
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(run_a, data_dir, tmp_path):
