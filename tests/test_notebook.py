@@ -13,7 +13,7 @@ from conftest import REPO
 
 
 def shown(nb, snippet):
-    """What the one code cell whose source holds snippet showed: its stdout (a `!python` line's
+    """What the one code cell whose source holds snippet showed: its stdout (a `!` line's
     output, stderr included), and its display data by MIME type."""
     [cell] = [c for c in nb.cells if c.cell_type == 'code' and snippet in c.source]
     stream = ''.join(o.text for o in cell.outputs if o.output_type == 'stream' and o.name == 'stdout')
@@ -35,13 +35,13 @@ def test_the_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     recipe, _ = shown(nb, "TRAIN = 'config/tinystories_cpu.py'")
     assert ('No GPU: the CPU recipe, 15 minutes' in recipe) == (not torch.cuda.is_available()), recipe
     assert 'data: --train_files=../shared/data/tinystories/train.txt' in shown(nb, 'REPO_URL = ')[0]
-    assert '2,800 stories' in shown(nb, '!python prepare.py')[0] and (tmp_path / 'data' / 'meta.json').is_file()
-    trained = shown(nb, '!python train.py')[0]
+    assert '2,800 stories' in shown(nb, '!{sys.executable} prepare.py')[0] and (tmp_path / 'data' / 'meta.json').is_file()
+    trained = shown(nb, '!{sys.executable} train.py')[0]
     assert 'iter 8/8' in trained and 'done: 8 iters' in trained and 'report.md' in trained
     assert 'image/png' in shown(nb, "Image(f'{OUT_DIR}/loss_curve.png')")[1]
     report = shown(nb, "open(f'{OUT_DIR}/report.md')")[1]['text/markdown']
     assert report.startswith('# SLM run report') and 'val loss, full pass' in report
-    stories = shown(nb, '!python sample.py')[0]
+    stories = shown(nb, '!{sys.executable} sample.py')[0]
     assert stories.count('Once upon a time') == 2, stories
     assert (out / 'slm-hf' / 'model.safetensors').is_file()
     hf_story = shown(nb, 'AutoModelForCausalLM')[0]
