@@ -32,8 +32,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
-from common import (autocast, config_defaults, die, get_tokenizer, load_model, parse_config, pick_device,
-                    pick_dtype, story_text)
+from common import (autocast, check_counts, config_defaults, die, get_tokenizer, load_model, parse_config,
+                    pick_device, pick_dtype, story_text)
 from model import sampling_problem
 
 # -----------------------------------------------------------------------------
@@ -229,6 +229,12 @@ def client_gone(sock):
         return True
 
 
+def error_body(status, message, param=None, code=None):
+    """OpenAI's error object; its type follows the HTTP status."""
+    kind = {404: 'not_found_error', 429: 'rate_limit_error', 500: 'server_error'}.get(status, 'invalid_request_error')
+    return {'error': {'message': message, 'type': kind, 'param': param, 'code': code}}
+
+
 class Handler(BaseHTTPRequestHandler):
     server_version = 'SLM'
     timeout = 60  # seconds a socket read or write may hang: a client that stops sending mid-body
@@ -237,27 +243,24 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):  # one short line per request on stderr
         sys.stderr.write(f"{self.address_string()} {fmt % args}\n")
 
-    def send_json(self, status, obj):
-        body = json.dumps(obj).encode()
+    def send_body(self, status, body, content_type):
         self.send_response(status)
-        self.send_header('Content-Type', 'application/json')
+        self.send_header('Content-Type', content_type)
         self.send_header('Content-Length', str(len(body)))
         self.end_headers()
         self.wfile.write(body)
 
+    def send_json(self, status, obj):
+        self.send_body(status, json.dumps(obj).encode(), 'application/json')
+
     def send_error_json(self, status, message, param=None, code=None):
-        kind = {404: 'not_found_error', 429: 'rate_limit_error'}.get(status, 'invalid_request_error')
-        self.send_json(status, {'error': {'message': message, 'type': kind, 'param': param, 'code': code}})
+        self.send_json(status, error_body(status, message, param, code))
 
     def do_GET(self):
         app = self.app
         if self.path == '/':
-            body = PAGE.replace('MAX_TOKENS_LIMIT', str(app['cfg']['max_tokens_limit'])).encode()
-            self.send_response(200)
-            self.send_header('Content-Type', 'text/html; charset=utf-8')
-            self.send_header('Content-Length', str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            page = PAGE.replace('MAX_TOKENS_LIMIT', str(app['cfg']['max_tokens_limit']))
+            self.send_body(200, page.encode(), 'text/html; charset=utf-8')
         elif self.path == '/v1/models':
             self.send_json(200, {'object': 'list', 'data': [
                 {'id': app['cfg']['model_name'], 'object': 'model', 'created': app['created'], 'owned_by': 'slm'}]})
@@ -318,7 +321,7 @@ class Handler(BaseHTTPRequestHandler):
                     raise ConnectionAbortedError
             if req['stream']:
                 if job.error:
-                    self.wfile.write(f"data: {json.dumps({'error': {'message': job.error, 'type': 'server_error'}})}\n\n".encode())
+                    self.wfile.write(f"data: {json.dumps(error_body(500, job.error))}\n\n".encode())
                 self.wfile.write(b"data: [DONE]\n\n")
                 return
         except OSError:  # the client went away (reset, broken pipe, a write timed out)
@@ -327,8 +330,7 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             job.cancelled = True  # the worker stops the story at its next turn if it is not done
         if job.error:
-            return self.send_json(500, {'error': {'message': job.error, 'type': 'server_error', 'param': None,
-                                                  'code': None}})
+            return self.send_error_json(500, job.error)
         completion_tokens = req['completion_tokens']
         self.send_json(200, {**head, 'choices': [
             {'text': t, 'index': i, 'logprobs': None, 'finish_reason': f} for i, (t, f) in enumerate(zip(texts, finishes))],
@@ -340,11 +342,7 @@ def main(argv=None):
     cfg = parse_config(config_defaults(globals()), argv, script=__file__)
     if not 0 <= cfg['port'] <= 65535:
         die(f"--port={cfg['port']} must be from 0 to 65535 (0 = any free port)")
-    for key in ('concurrency', 'max_tokens_limit'):
-        if cfg[key] < 1:
-            die(f"--{key} must be at least 1, got {cfg[key]}")
-    if cfg['queue'] < 0:
-        die(f"--queue must be 0 or more, got {cfg['queue']}")
+    check_counts(cfg, ('concurrency', 'max_tokens_limit'), {'queue': 'no waiting: busy means 429'})
     path = cfg['ckpt'] or os.path.join(cfg['out_dir'], 'best_model_params.pt')
     dev = pick_device(cfg['device'])
     model, _ = load_model(path, dev)

@@ -198,13 +198,20 @@ def wait_until_idle(url, seconds):
     return None
 
 
-def stream_request(url, max_tokens, prompt='Once'):
-    """A raw streaming request on its own socket; returns the socket once the first chunk arrived."""
+def open_request(url, request):
+    """POST request (a dict, as JSON) to /v1/completions on a socket of its own, left open: the
+    test decides when the client goes away."""
     host, port = url.removeprefix('http://').split(':')
     sock = socket.create_connection((host, int(port)), timeout=60)
-    body = json.dumps({'prompt': prompt, 'max_tokens': max_tokens, 'stream': True, 'seed': 1}).encode()
+    body = json.dumps(request).encode()
     sock.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
                  b'Content-Length: %d\r\n\r\n' % len(body) + body)
+    return sock
+
+
+def stream_request(url, max_tokens, prompt='Once'):
+    """A raw streaming request; returns its socket once the first chunk arrived."""
+    sock = open_request(url, {'prompt': prompt, 'max_tokens': max_tokens, 'stream': True, 'seed': 1})
     received = b''
     while b'data: ' not in received:
         received += sock.recv(4096)
@@ -235,9 +242,7 @@ def test_a_client_that_goes_away_stops_its_story(slow_server):
     stopped = wait_until_idle(slow_server, 30)
     assert stopped is not None and stopped < full_300 / 2, (stopped, full_300)
     # not streaming: the server notices between tokens too
-    sock = socket.create_connection(tuple(slow_server.removeprefix('http://').split(':')), timeout=60)
-    body = json.dumps({'prompt': 'Once', 'max_tokens': 1024}).encode()
-    sock.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n' % len(body) + body)
+    sock = open_request(slow_server, {'prompt': 'Once', 'max_tokens': 1024})
     time.sleep(0.3)
     assert json.loads(get(slow_server, '/health')[1])['active'] == 1
     sock.close()
@@ -247,9 +252,7 @@ def test_a_client_that_goes_away_stops_its_story(slow_server):
 
 def test_past_the_queue_a_request_gets_a_429_and_the_others_finish(slow_server):
     writing = stream_request(slow_server, max_tokens=1024)  # the one story at a time
-    waiting = socket.create_connection(tuple(slow_server.removeprefix('http://').split(':')), timeout=60)
-    body = json.dumps({'prompt': 'Two', 'max_tokens': 5}).encode()
-    waiting.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n' % len(body) + body)
+    waiting = open_request(slow_server, {'prompt': 'Two', 'max_tokens': 5})
     time.sleep(0.5)  # the second request is in the queue now
     assert json.loads(get(slow_server, '/health')[1])['waiting'] == 1
     status, reply = post(slow_server, {'prompt': 'Three', 'max_tokens': 5})
