@@ -31,9 +31,9 @@ from dataclasses import fields
 
 import torch
 
-from common import (autocast, check_counts, check_seed, check_writable, config_defaults, die, get_tokenizer,
-                    matmul_flops, parse_config, peak_memory, pick_device, pick_dtype, read_stories, save_json,
-                    sync, timed)
+from common import (autocast, check_counts, check_seed, check_writable, config_defaults, die, die_if_disk_full,
+                    get_tokenizer, matmul_flops, parse_config, peak_memory, pick_device, pick_dtype, read_stories,
+                    save_json, sync, timed)
 from model import GPT, GPTConfig, PackedLinears, sampling_problem, window_steps
 # the two scripts whose own code bench.py times: train.py's step and prepare.py's pipeline
 from prepare import prepare_files
@@ -416,9 +416,13 @@ def bench_prepare(cfg, device, dtype):
     one_core, runs = [], []
     with tempfile.TemporaryDirectory(prefix='slm_bench_') as tmp:
         train_path = os.path.join(tmp, 'train.txt')
-        with open(train_path, 'wb') as f:
-            for _ in range(copies):
-                f.write(data)
+        try:
+            with open(train_path, 'wb') as f:
+                for _ in range(copies):
+                    f.write(data)
+        except OSError as e:  # the temp folder's disk is full: one line (TMPDIR picks another)
+            die_if_disk_full(e, train_path)
+            raise
         for _ in range(cfg['repeats']):  # limit and figure in turns, so both see the same machine
             # the limit: encode_ordinary on one core, story by story as the workers call it, for
             # >= 1 s (a short burst would catch only the quiet moments of a busy machine)

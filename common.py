@@ -151,10 +151,44 @@ def check_seed(cfg):
 # -----------------------------------------------------------------------------
 # files: written to a temp name in the same folder, then renamed into place
 
+def disk_full(exc):
+    """(cause, fix) when exc is a write that failed for want of room (a full disk or quota, a
+    file past the size limit: ENOSPC, EDQUOT, EFBIG), else None. Libraries wrap the OSError:
+    torch.save raises a RuntimeError during it ([enforce fail at inline_container.cc]), Rust
+    ones (safetensors) put its "os error N" in their message; both are looked through."""
+    import errno
+    causes = {errno.ENOSPC: ('no space left on device', 'free some space or write to another disk'),
+              errno.EFBIG: ("file too large (past the file-size limit, `ulimit -f`, or the filesystem's largest file)",
+                            'raise the limit or write to another disk')}
+    if hasattr(errno, 'EDQUOT'):  # a full quota (not on every platform)
+        causes[errno.EDQUOT] = ('disk quota exceeded', 'free some space or write to another disk')
+    seen = set()
+    while exc is not None and id(exc) not in seen:  # exc, then what it was raised from or during
+        seen.add(id(exc))
+        code = exc.errno if isinstance(exc, OSError) else None
+        if code is None:
+            m = re.search(r'os error (\d+)', str(exc))
+            code = int(m.group(1)) if m else None
+        if code in causes:
+            return causes[code]
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def die_if_disk_full(exc, path):
+    """Stop with one line naming path when exc is a write that failed for want of room, else
+    return (the caller re-raises). Every writer ends here: a full disk reads the same in every
+    script."""
+    full = disk_full(exc)
+    if full:
+        die(f"cannot write {path}: {full[0]}: {full[1]}")
+
+
 def atomic_write(path, write_fn, mode='wb'):
     """Call write_fn(file) on a temp file beside path, then rename it to path.
 
-    A crash or Ctrl-C mid-write leaves the old file (or none), never half a file.
+    A crash or Ctrl-C mid-write leaves the old file (or none), never half a file; a full disk
+    stops with one line naming path (die_if_disk_full).
     """
     path = os.fspath(path)
     tmp = f"{path}.tmp{os.getpid()}"
@@ -164,9 +198,10 @@ def atomic_write(path, write_fn, mode='wb'):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        die_if_disk_full(e, path)
         raise
 
 

@@ -27,7 +27,7 @@ from functools import lru_cache
 import torch
 
 from common import (CONV1D, EOT_TOKEN, check_gpt2_shaped, check_writable, clean_state_dict, config_defaults, die,
-                    get_tokenizer, gpt2_shapes, parse_config, read_checkpoint, read_log)
+                    die_if_disk_full, get_tokenizer, gpt2_shapes, parse_config, read_checkpoint, read_log)
 from model import GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -187,22 +187,37 @@ def model_card(checkpoint, ckpt_path, n_params):
     return '\n'.join(lines)
 
 
-def write_folder(folder, checkpoint, ckpt_path):
+def write_folder(folder, checkpoint, ckpt_path, shown=None):
+    """The export's files into folder. shown: the folder a full-disk error names (the export's
+    place; folder is its temp name), so the one line says which file did not fit."""
     from safetensors.torch import save_file
     state_dict = clean_state_dict(checkpoint['model'])
     a = dict(checkpoint['model_args'])
     tensors = to_hf_tensors(state_dict, a)
     dtype = tensors['transformer.wte.weight'].dtype
+
+    def write(name, write_fn):
+        try:
+            write_fn(os.path.join(folder, name))
+        except Exception as e:  # OSError, or safetensors' SafetensorError ("... (os error 28)")
+            die_if_disk_full(e, os.path.join(shown or folder, name))
+            raise
+
+    def text(name, content):
+        def write_text(path):
+            with open(path, 'w', encoding='utf-8') as f:
+                f.write(content)
+        write(name, write_text)
+
+    def dump(obj, name, indent=2):
+        text(name, json.dumps(obj, indent=indent, ensure_ascii=False))
+
     weights = os.path.join(folder, 'model.safetensors')
-    save_file(tensors, weights, metadata={'format': 'pt'})
+    write('model.safetensors', lambda path: save_file(tensors, path, metadata={'format': 'pt'}))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(weights, 0o666 & ~umask)  # safetensors creates it owner-only; give it the usual file mode
     n_params = sum(t.numel() for t in state_dict.values()) - state_dict['lm_head.weight'].numel()
-
-    def dump(obj, name, indent=2):
-        with open(os.path.join(folder, name), 'w', encoding='utf-8') as f:
-            json.dump(obj, f, indent=indent, ensure_ascii=False)
 
     dump(hf_config(a, dtype), 'config.json')
     # sample.py-style sampling; pad = eos because GPT-2 has no pad token
@@ -211,13 +226,11 @@ def write_folder(folder, checkpoint, ckpt_path):
          'generation_config.json')
     vocab, merges = gpt2_tokenizer_files()
     dump(vocab, 'vocab.json', indent=None)
-    with open(os.path.join(folder, 'merges.txt'), 'w', encoding='utf-8') as f:
-        f.write('#version: 0.2\n' + '\n'.join(merges) + '\n')
+    text('merges.txt', '#version: 0.2\n' + '\n'.join(merges) + '\n')
     dump({'tokenizer_class': 'GPT2Tokenizer', 'bos_token': EOT_TEXT, 'eos_token': EOT_TEXT,
           'unk_token': EOT_TEXT, 'add_prefix_space': False, 'model_max_length': a['block_size']},
          'tokenizer_config.json')
-    with open(os.path.join(folder, 'README.md'), 'w', encoding='utf-8') as f:
-        f.write(model_card(checkpoint, ckpt_path, n_params))
+    text('README.md', model_card(checkpoint, ckpt_path, n_params))
 
 
 def check_out(out_path, force=False, ckpt_path=''):
@@ -259,7 +272,7 @@ def export(checkpoint, out_path, force=False, ckpt_path=''):
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        write_folder(tmp, {**checkpoint, 'model_args': a}, ckpt_path)
+        write_folder(tmp, {**checkpoint, 'model_args': a}, ckpt_path, out_path)
         if os.path.exists(out_path):
             os.rename(out_path, old)
         os.rename(tmp, out_path)

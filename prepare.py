@@ -107,20 +107,24 @@ def write_split(name, results, path, total=None):
     sha = hashlib.sha256()
     stories = tokens = text_bytes = 0
     t0 = last = time.perf_counter()
-    with open(path, 'wb') as f:
-        for ids, nbytes, n in results:
-            f.write(ids)
-            sha.update(ids)
-            stories, tokens, text_bytes = stories + n, tokens + len(ids), text_bytes + nbytes
-            now = time.perf_counter()
-            if now - last > 5:
-                last, dt = now, now - t0
-                done = f"{stories:,}/{total:,}" if total else f"{stories:,}"
-                print(f"{name}: {done} stories, {tokens / 1e6:.1f}M tokens, {text_bytes / 1e6:.0f} MB | "
-                      f"{stories / dt:,.0f} stories/s, {tokens / dt / 1e6:.2f}M tokens/s, "
-                      f"{text_bytes / dt / 1e6:.1f} MB/s", flush=True)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, 'wb') as f:
+            for ids, nbytes, n in results:
+                f.write(ids)
+                sha.update(ids)
+                stories, tokens, text_bytes = stories + n, tokens + len(ids), text_bytes + nbytes
+                now = time.perf_counter()
+                if now - last > 5:
+                    last, dt = now, now - t0
+                    done = f"{stories:,}/{total:,}" if total else f"{stories:,}"
+                    print(f"{name}: {done} stories, {tokens / 1e6:.1f}M tokens, {text_bytes / 1e6:.0f} MB | "
+                          f"{stories / dt:,.0f} stories/s, {tokens / dt / 1e6:.2f}M tokens/s, "
+                          f"{text_bytes / dt / 1e6:.1f} MB/s", flush=True)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # a full disk: one line naming the bin (not its temp name)
+        common.die_if_disk_full(e, os.path.join(os.path.dirname(path), f"{name}.bin"))
+        raise
     dt = time.perf_counter() - t0
     print(f"{name}: {stories:,} stories, {tokens:,} tokens, {text_bytes / 1e6:.1f} MB of text "
           f"in {dt:.1f} s ({text_bytes / dt / 1e6:.1f} MB/s)", flush=True)

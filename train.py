@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (atomic_write, autocast, check_writable, clean_state_dict, config_defaults, die, load_meta,
-                    matmul_flops, open_split, parse_config, peak_memory, pick_device, pick_dtype, plot_log,
+from common import (atomic_write, autocast, check_writable, clean_state_dict, config_defaults, die,
+                    die_if_disk_full, load_meta, matmul_flops, open_split, parse_config, peak_memory, pick_device, pick_dtype, plot_log,
                     read_checkpoint, read_log, torch_save)
 from model import GPT, GPTConfig
 
@@ -321,9 +321,15 @@ def start_log(cfg, start_iter):
 
 
 def append_log(cfg, run, row):
-    """One JSON row at the end of out_dir/log.jsonl: an evaluation's or a step's; and to W&B."""
-    with open(os.path.join(cfg['out_dir'], 'log.jsonl'), 'a') as f:
-        f.write(json.dumps(row) + '\n')
+    """One JSON row at the end of out_dir/log.jsonl: an evaluation's or a step's; and to W&B.
+    A full disk stops with one line; the rows before stay (read_log skips a cut-off last line)."""
+    path = os.path.join(cfg['out_dir'], 'log.jsonl')
+    try:
+        with open(path, 'a') as f:
+            f.write(json.dumps(row) + '\n')
+    except OSError as e:
+        die_if_disk_full(e, path)
+        raise
     if run['wandb']:
         run['wandb'].log(wandb_row(row), step=row['iter'])
 
