@@ -71,14 +71,16 @@ def print_help(defaults, script):
         print(f"  {flag:<{width}}  {meanings.get(k, '')}".rstrip())
 
 
-def parse_config(defaults, argv=None, nullable=(), script=None):
+def parse_config(defaults, argv=None, nullable=(), script=None, given=None):
     """Apply config files (positional args) then --key=value flags to a copy of defaults.
 
     Unknown keys and wrong types stop with a message listing the valid keys; None is a value
     only for the keys in nullable (and those whose default is None). --help prints every key
     with its default and the comment beside it in script (the caller's __file__).
     A config file is plain Python whose top-level assignments set config keys.
+    given: a set that receives the keys a config file or flag set (train.py's fine-tune asks).
     """
+    given = set() if given is None else given
     argv = sys.argv[1:] if argv is None else argv
     config = dict(defaults)
     valid = ", ".join(sorted(defaults))
@@ -99,6 +101,7 @@ def parse_config(defaults, argv=None, nullable=(), script=None):
                 if key not in defaults:
                     die(f"config file {arg} sets unknown key {key!r}; valid keys: {valid}")
                 config[key] = _check_type(key, value, defaults[key], arg, nullable)
+                given.add(key)
             continue
         key, eq, raw = arg[2:].partition('=')
         if key not in defaults:
@@ -114,6 +117,7 @@ def parse_config(defaults, argv=None, nullable=(), script=None):
         if isinstance(defaults[key], str) and not isinstance(value, str):
             value = raw  # --out_dir=123 is still a path
         config[key] = _check_type(key, value, defaults[key], f"--{key}", nullable)
+        given.add(key)
     for key, value in config.items():  # a path with a NUL byte fails deep inside open()
         if isinstance(value, str) and '\0' in value:
             die(f"{key} holds a NUL byte: pass plain text")
@@ -776,14 +780,38 @@ def read_checkpoint(path, map_location='cpu'):
     return ckpt
 
 
+def load_weights(model, state_dict, source):
+    """model.load_state_dict of a checkpoint's weights (torch.compile/DDP prefixes stripped);
+    weights that do not fit the model stop with one line."""
+    try:
+        model.load_state_dict(clean_state_dict(state_dict))
+    except RuntimeError as e:
+        detail = ' '.join(line.strip() for line in str(e).splitlines()[1:])[:300] or str(e)
+        die(f"checkpoint {source} does not match model.py's GPT: {detail}")
+
+
 def load_model(path, device='cpu'):
     """Build the GPT stored in a checkpoint file; returns (model, checkpoint dict)."""
     from model import GPT, GPTConfig
     ckpt = read_checkpoint(path)
     try:
         model = GPT(GPTConfig(**ckpt['model_args']), verbose=False)
-        model.load_state_dict(clean_state_dict(ckpt['model']))
-    except (TypeError, RuntimeError) as e:
-        detail = ' '.join(line.strip() for line in str(e).splitlines()[1:])[:300] or str(e)
-        die(f"checkpoint {path} does not match model.py's GPT: {detail}")
+    except TypeError as e:
+        die(f"checkpoint {path} does not match model.py's GPT: {e}")
+    load_weights(model, ckpt['model'], path)
     return model.to(device), ckpt
+
+
+GPT2_HUB = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')  # OpenAI's GPT-2 sizes: 124M, 350M, 774M, 1.5B
+
+
+def download_gpt2(name):
+    """OpenAI's GPT-2 of that size from the Hugging Face hub (openai-community/NAME), into the
+    hub's usual cache (~/.cache/huggingface, or HF_HOME): the local folder, for load_hf_folder.
+    huggingface_hub comes with datasets. Offline and not cached: one line naming the fix."""
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(f'openai-community/{name}', allow_patterns=['config.json', 'model.safetensors'])
+    except Exception as e:  # no network, no such file, hub errors: all end the same way
+        die(f"could not download {name} from the Hugging Face hub ({type(e).__name__}; offline?): pass "
+            f"--init_from=FOLDER, a local GPT-2 folder (saved by save_pretrained, or by export.py)")

@@ -5,6 +5,7 @@ Train SLM on the tokenized TinyStories in data_dir (made by prepare.py).
     python train.py config/tinystories.py --batch_size=32
     python train.py config/tinystories_cpu.py        # 15 minutes on any CPU (a time budget)
     python train.py --init_from=resume               # continue the run in out_dir exactly
+    python train.py config/finetune_tinystories.py   # fine-tune GPT-2 (or --init_from=PATH: any checkpoint)
     torchrun --nproc_per_node=2 train.py             # data parallel: NCCL on GPUs, gloo on CPU
 
 Every eval_interval steps: train/val loss (to stdout and out_dir/log.jsonl), the best
@@ -27,9 +28,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (atomic_write, autocast, check_writable, clean_state_dict, config_defaults, die,
-                    die_if_disk_full, load_meta, matmul_flops, open_split, parse_config, peak_memory, pick_device, pick_dtype, plot_log,
-                    read_checkpoint, read_log, torch_save)
+from common import (GPT2_HUB, atomic_write, autocast, check_writable, clean_state_dict, config_defaults, die,
+                    die_if_disk_full, download_gpt2, load_meta, load_weights, matmul_flops, open_split, parse_config, peak_memory,
+                    pick_device, pick_dtype, plot_log, read_checkpoint, read_log, torch_save)
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -42,7 +43,8 @@ log_interval = 10                # optimizer steps between progress lines
 eval_iters = 200                 # batches per split in each evaluation
 eval_only = False                # evaluate once and exit
 always_save_checkpoint = True    # ckpt.pt at every eval (False: only when val loss improves)
-init_from = 'scratch'            # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+init_from = 'scratch'            # 'scratch', 'resume' (out_dir/ckpt.pt), or fine-tune from: a checkpoint file
+                                 # (SLM's or nanoGPT's), a Hugging Face GPT-2 folder, or gpt2 / gpt2-medium / gpt2-large / gpt2-xl
 seed = 1337                      # dropout and data windows (rank r uses seed + r)
 # data
 gradient_accumulation_steps = 8  # micro-batches per optimizer step, summed over all processes
@@ -172,12 +174,11 @@ def check_config(cfg):
     for key in ('beta1', 'beta2'):
         if not 0 <= cfg[key] < 1:
             die(f"{key} must be in [0, 1) (AdamW's moving-average factor), got {cfg[key]}")
-    if cfg['n_embd'] % cfg['n_head']:
+    if cfg['n_embd'] % cfg['n_head'] and cfg['init_from'] == 'scratch':  # else the shape is the checkpoint's
         die(f"n_embd={cfg['n_embd']} must be divisible by n_head={cfg['n_head']}")
     if not 0.0 <= cfg['dropout'] < 1.0:
         die(f"dropout must be in [0, 1), got {cfg['dropout']}")
-    if cfg['init_from'] not in ('scratch', 'resume'):
-        die(f"init_from must be 'scratch' or 'resume', got {cfg['init_from']!r}")
+    check_init_from(cfg)
     if not 0 <= cfg['min_lr'] <= cfg['learning_rate']:
         die(f"min_lr={cfg['min_lr']} must be between 0 and learning_rate={cfg['learning_rate']} "
             f"(the cosine schedule decays from learning_rate down to min_lr)")
@@ -192,6 +193,21 @@ def check_config(cfg):
     if cfg['max_minutes'] and not cfg['eval_only']:
         return []  # max_iters is not known yet: fit_to_budget cuts the warmup if needed
     return [w for w in [cut_warmup(cfg)] if w]
+
+
+def check_init_from(cfg):
+    """--init_from names a start that exists (a hub name is fetched later), and a fine-tune
+    would not overwrite the checkpoint it starts from."""
+    source = cfg['init_from']
+    if source in ('scratch', 'resume') or (source in GPT2_HUB and not os.path.exists(source)):
+        return
+    if not os.path.exists(source):
+        die(f"--init_from={source}: no such checkpoint file or folder; pass scratch, resume, a path to a "
+            f"ckpt.pt / best_model_params.pt / Hugging Face GPT-2 folder, or one of {', '.join(GPT2_HUB)}")
+    outputs = [os.path.realpath(os.path.join(cfg['out_dir'], n)) for n in ('ckpt.pt', 'best_model_params.pt')]
+    if os.path.realpath(source) in outputs:
+        die(f"--init_from={source} is where this run saves its checkpoints: pass another --out_dir "
+            f"(or --init_from=resume to continue that run)")
 
 
 def cut_warmup(cfg):
@@ -240,6 +256,7 @@ def setup(cfg):
         torch.backends.cudnn.allow_tf32 = True
     return dict(t0=time.time(), budget_fixed=False,  # --max_minutes counts from here; max_iters not yet fitted
                 wandb=None, wandb_id=None,  # the W&B run (rank 0, --wandb_log) and its id, kept in ckpt.pt
+                started_from=None,  # a fine-tune's source (--init_from), kept in its checkpoints
                 ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size, master=rank == 0,
                 device=device, device_type=device_type, dtype=dtype, ctx=autocast(device, dtype),
                 accum=accum // world_size,  # each process does its share of the micro-batches
@@ -259,6 +276,7 @@ def read_resume_checkpoint(cfg, run, log):
         log(f"resume: model shape from the checkpoint, ignoring {', '.join(f'{k}={cfg[k]}' for k in changed)}")
     cfg.update({k: ckpt['model_args'][k] for k in MODEL_KEYS})
     run['wandb_id'] = ckpt.get('wandb_run_id')  # continue that W&B run, so the curves join
+    run['started_from'] = ckpt.get('started_from')  # a fine-tune's source
     if cfg['max_minutes'] and ckpt.get('budget_fixed'):
         cfg.update({k: ckpt['config'][k] for k in ('max_iters', 'warmup_iters')})
         run['budget_fixed'] = True
@@ -266,16 +284,54 @@ def read_resume_checkpoint(cfg, run, log):
     return ckpt
 
 
+def read_start_checkpoint(cfg, given, run, log):
+    """What the run starts from: nothing (scratch), out_dir/ckpt.pt (resume), or a fine-tune's source."""
+    if cfg['init_from'] == 'scratch':
+        return None
+    if cfg['init_from'] == 'resume':
+        return read_resume_checkpoint(cfg, run, log)
+    return read_source_checkpoint(cfg, given, run, log)
+
+
+def read_source_checkpoint(cfg, given, run, log):
+    """A fine-tune (--init_from=PATH or a GPT-2 name): the source's weights, and its shape into
+    cfg. A shape key set by a flag or config file must agree with the source, except dropout,
+    and block_size, which may shrink (the position table is cropped, as nanoGPT's crop_block_size)."""
+    source = cfg['init_from']
+    ckpt = read_checkpoint(source if os.path.exists(source) else download_gpt2(source))
+    theirs = {**{f.name: f.default for f in fields(GPTConfig)}, **ckpt['model_args']}
+    for k in MODEL_KEYS:
+        if k not in given:
+            cfg[k] = theirs[k]
+        elif k == 'block_size' and cfg[k] > theirs[k]:
+            die(f"block_size={cfg[k]} is larger than {source}'s {theirs[k]} positions: a fine-tune can only "
+                f"shrink the context; pass --block_size={theirs[k]} or less")
+        elif k not in ('dropout', 'block_size') and cfg[k] != theirs[k]:
+            die(f"{k}={cfg[k]} (set by a flag or config file) disagrees with {source}, whose {k} is {theirs[k]}: "
+                f"a fine-tune takes the model's shape from its source; drop {k} (only dropout and a smaller "
+                f"block_size may be set)")
+    state = clean_state_dict(ckpt['model'])
+    if 'transformer.wpe.weight' in state:
+        state['transformer.wpe.weight'] = state['transformer.wpe.weight'][:cfg['block_size']]
+    run['started_from'] = source
+    log(f"fine-tuning from {source}: {cfg['n_layer']} layers, {cfg['n_head']} heads, {cfg['n_embd']} wide, "
+        f"block_size {cfg['block_size']} (of {theirs['block_size']}), dropout {cfg['dropout']}")
+    return {'model': state, 'model_args': {**{k: cfg[k] for k in MODEL_KEYS}, 'vocab_size': theirs['vocab_size']}}
+
+
 def vocab_size_of(cfg, ckpt):
-    """The vocabulary: meta.json's for a new run; on resume the checkpoint's, which must match."""
+    """The vocabulary: meta.json's for a new run; a checkpoint's on resume or a fine-tune, which
+    must cover the data's tokens."""
     meta_vocab = load_meta(cfg['data_dir']).get('vocab_size')
     if not isinstance(meta_vocab, int) or meta_vocab < 1:
         die(f"{cfg['data_dir']}/meta.json has no valid vocab_size: re-run `python prepare.py --force`")
-    if ckpt is not None and meta_vocab != ckpt['model_args']['vocab_size']:
+    if ckpt is None:
+        return meta_vocab
+    if meta_vocab > ckpt['model_args']['vocab_size']:
+        where = cfg['out_dir'] if cfg['init_from'] == 'resume' else cfg['init_from']
         die(f"{cfg['data_dir']}/meta.json describes a {meta_vocab}-token vocabulary, but the checkpoint in "
-            f"{cfg['out_dir']} has {ckpt['model_args']['vocab_size']}: resume on the data the run was trained on "
-            f"(--data_dir)")
-    return meta_vocab
+            f"{where} has {ckpt['model_args']['vocab_size']}: train on data tokenized for that model (--data_dir)")
+    return ckpt['model_args']['vocab_size']
 
 
 def open_data(cfg, vocab_size):
@@ -373,9 +429,11 @@ def rng_states(run):
 def save_checkpoint(cfg, run, model, model_args, it, best_val_loss, optimizer=None, scaler=None, rng=None):
     """best_model_params.pt (weights only) without optimizer; ckpt.pt, all a resume needs, with it.
     budget_fixed: config's max_iters was fitted by --max_minutes (a resume keeps it);
-    wandb_run_id: the W&B run that a resume continues (None without --wandb_log)."""
+    wandb_run_id: the W&B run that a resume continues (None without --wandb_log);
+    started_from: a fine-tune's source, the --init_from it began with (None from scratch)."""
     state = {'model': model.state_dict(), 'model_args': model_args, 'config': cfg, 'iter_num': it,
-             'best_val_loss': best_val_loss, 'budget_fixed': run['budget_fixed'], 'wandb_run_id': run['wandb_id']}
+             'best_val_loss': best_val_loss, 'budget_fixed': run['budget_fixed'], 'wandb_run_id': run['wandb_id'],
+             'started_from': run['started_from']}
     if optimizer is None:
         torch_save(state, os.path.join(cfg['out_dir'], 'best_model_params.pt'))
         return
@@ -567,7 +625,8 @@ def write_report(cfg, device, dtype):
 
 
 def main(argv=None):
-    cfg = parse_config(config_defaults(globals()), argv, script=__file__)
+    given = set()  # the keys a config file or flag set: a fine-tune's shape must agree with its source
+    cfg = parse_config(config_defaults(globals()), argv, script=__file__, given=given)
     warnings = check_config(cfg)
 
     # setup: processes, device, precision, seeds
@@ -577,8 +636,8 @@ def main(argv=None):
     for line in warnings:
         log(line)
 
-    # data and model shape: from the config, or from the checkpoint on resume
-    ckpt = read_resume_checkpoint(cfg, run, log) if cfg['init_from'] == 'resume' else None
+    # data and model shape: from the config, or from the checkpoint on resume or a fine-tune
+    ckpt = read_start_checkpoint(cfg, given, run, log)
     model_args = {k: cfg[k] for k in MODEL_KEYS}
     model_args['vocab_size'] = vocab_size_of(cfg, ckpt)
     splits = open_data(cfg, model_args['vocab_size'])
@@ -587,13 +646,14 @@ def main(argv=None):
     # model and optimizer, fresh or as the checkpoint left them
     model = GPT(GPTConfig(**model_args), verbose=master)
     if ckpt is not None:
-        model.load_state_dict(clean_state_dict(ckpt['model']))  # also takes _orig_mod./module. keys
+        source = os.path.join(cfg['out_dir'], 'ckpt.pt') if cfg['init_from'] == 'resume' else cfg['init_from']
+        load_weights(model, ckpt['model'], source)  # also takes _orig_mod./module. keys
     model.to(device)
     optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'],
                                            (cfg['beta1'], cfg['beta2']), run['device_type'])
     scaler = torch.amp.GradScaler(run['device_type'], enabled=(dtype == 'float16'))
     start_iter, best_val_loss = 0, float('inf')
-    if ckpt is not None:
+    if cfg['init_from'] == 'resume':  # a fine-tune starts a new run: step 0, fresh AdamW state
         start_iter, best_val_loss = restore_state(ckpt, optimizer, scaler, run, log)
         log(f"resuming from {cfg['out_dir']}/ckpt.pt at iter {start_iter} (best val loss {best_val_loss:.4f})")
     ckpt = None  # free the loaded tensors

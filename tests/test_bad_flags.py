@@ -1,4 +1,5 @@
-"""Bad values of every flag of sample.py, eval.py, export.py, plot.py, bench.py and serve.py: each stops
+"""Bad values of every flag of sample.py, eval.py, export.py, plot.py, bench.py and serve.py, and train.py's
+--init_from (a fine-tune's source): each stops
 with one line (error: <problem>: <fix>), no traceback, and writes nothing. One row per case,
 run in-process through the script's main(argv).
 
@@ -23,11 +24,12 @@ import export
 import plot
 import sample
 import serve
+import train
 from conftest import error_of
 from model import GPT, GPTConfig
 
 MAIN = {'sample': sample.main, 'eval': ev.main, 'export': export.main, 'plot': plot.main, 'bench': bench.main,
-        'serve': serve.main}
+        'serve': serve.main, 'train': train.main}
 
 # flags every row of a script starts with (a row's own flags come later and win): the row
 # names its input and output, and should a check be missing the run stays small and quick
@@ -42,6 +44,8 @@ BASE = {
               '--new_tokens=2', '--prompt_tokens=2', '--nocache=False', '--mb=0.01', '--threads=1',
               '--device=cpu', '--json={T}/bench.json'],
     'serve': ['--ckpt={F}/afile', '--port=0', '--device=cpu'],
+    'train': ['--data_dir={F}/data', '--out_dir={T}/out', '--device=cpu', '--max_iters=1', '--eval_iters=1',
+              '--report=False'],
 }
 
 CASES = [
@@ -174,6 +178,15 @@ CASES = [
     ('serve', [], 'afile'),
     ('serve', ['--ckpt={T}/nope.pt'], 'nope.pt'),
     ('serve', ['--ckpt=', '--out_dir={F}/adir'], 'best_model_params.pt'),
+    # train.py --init_from: a fine-tune takes its shape from the source ({ckpt}: 1 layer, 2 heads, 16 wide, 16 positions)
+    ('train', ['--init_from={ckpt}', '--n_layer=3'], 'n_layer=3 (set by a flag or config file) disagrees with'),
+    ('train', ['--init_from={ckpt}', '--n_embd=32'], 'n_embd=32 (set by a flag or config file) disagrees with'),
+    ('train', ['--init_from={ckpt}', '--bias=False'], 'bias=False (set by a flag or config file) disagrees with'),
+    ('train', ['--init_from={ckpt}', '--block_size=64'], "block_size=64 is larger than"),
+    ('train', ['--init_from={T}/nope.pt'], 'nope.pt: no such checkpoint file or folder'),
+    ('train', ['--init_from={F}/afile'], 'could not read checkpoint'),
+    ('train', ['--init_from={F}/adir'], 'is a folder, not a checkpoint file'),
+    ('train', ['--init_from={ckpt}', '--out_dir={F}/run'], 'is where this run saves its checkpoints'),
 ]
 
 

@@ -197,7 +197,7 @@ def test_memory_lean_training_path_matches_plain_autograd(monkeypatch, autocast_
     (['--nope=1'], 'unknown option --nope'),
     (['--batch_size=big'], 'batch_size must be int'),
     (['--learning_rate=1e-4', '--min_lr=1e-3'], 'min_lr=0.001 must be between 0 and learning_rate=0.0001'),
-    (['--init_from=gpt2'], "init_from must be 'scratch' or 'resume'"),
+    (['--init_from=gpt3'], '--init_from=gpt3: no such checkpoint file or folder'),
     (['--n_head=5'], 'n_embd=32 must be divisible by n_head=5'),
     (['--backend=mpi'], 'backend must be auto, nccl or gloo'),
     (['--grad_clip=-1'], 'grad_clip must be 0 or more, got -1.0'),
@@ -298,7 +298,9 @@ def test_training_writes_checkpoints_log_and_plot(run_a):
     cfg = torch.load(out / 'ckpt.pt', weights_only=True)['config']
     assert [r['lr'] for r in steps] == [train.get_lr(i, cfg) for i in range(8)]
     best = torch.load(out / 'best_model_params.pt', weights_only=True)
-    assert set(best) == {'model', 'model_args', 'config', 'iter_num', 'best_val_loss', 'budget_fixed', 'wandb_run_id'}
+    assert set(best) == {'model', 'model_args', 'config', 'iter_num', 'best_val_loss', 'budget_fixed', 'wandb_run_id',
+                        'started_from'}
+    assert best['started_from'] is None  # from scratch; a fine-tune's source (tests/test_finetune.py)
     assert best['best_val_loss'] == min(r['val_loss'] for r in rows[1:])
     assert best['config']['n_embd'] == 32 and best['model_args']['vocab_size'] == 50257
     ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
