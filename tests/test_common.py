@@ -116,7 +116,9 @@ def test_unreadable_checkpoints_are_one_line_errors(tmp_path):
 
 
 def test_device_and_dtype_choice():
-    assert common.pick_device('auto') == 'cpu'  # CI and this machine have no GPU
+    # auto: what torch reports here (CI has no GPU; a user's machine may)
+    mps = getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available()
+    assert common.pick_device('auto') == ('cuda' if torch.cuda.is_available() else 'mps' if mps else 'cpu')
     assert common.pick_device('cpu') == 'cpu'
     if not torch.cuda.is_available():
         assert 'not usable here' in error_of(common.pick_device, 'cuda')

@@ -1,8 +1,11 @@
 """SLM.ipynb executed as a user runs it: nbclient starts the python3 kernel in the repository
 folder and runs every cell, which drive the scripts. The one change: after the first cell (the
-recipe for this machine), a cell sets config/tiny.py and temp folders for data and output
-(sizes only, as tests/conftest.py allows). The notebook finds ../shared's stories and
-tokenizer files itself, as offline users' notebooks do."""
+recipe for this machine: on a CPU, config/tinystories_cpu.py and its 15-minute budget), a cell
+appends flags that shrink that recipe line (tests/test_configs.py's SHRINK: sizes, a 1-minute
+budget or a short --max_iters; sizes only, as tests/conftest.py allows) and sets temp folders
+for data and output. So the notebook's own recipe runs, its schedule keys included, and the LR
+it logs must end at min_lr. The notebook finds ../shared's stories and tokenizer files itself,
+as offline users' notebooks do."""
 import nbformat
 import pytest
 import torch
@@ -10,6 +13,11 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
 from conftest import REPO
+from test_configs import assert_lr_schedule_ends_at_min_lr, notebook_recipes, shrink_flags
+
+# the budget the CPU recipe gets here: the report card (a full pass over val.bin and ten stories,
+# ~25 s whatever the model) is part of it, as in the 15-minute run
+NOTEBOOK_BUDGET_MINUTES = 1.0
 
 
 def shown(nb, snippet):
@@ -26,9 +34,14 @@ def test_the_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     code = [c for c in nb.cells if c.cell_type == 'code']
     assert all(not c.outputs and c.execution_count is None for c in code), 'commit SLM.ipynb with outputs cleared'
     out = tmp_path / 'out'
-    tiny = nbformat.v4.new_code_cell(f"TRAIN = 'config/tiny.py'\nDATA_DIR = {str(tmp_path / 'data')!r}\n"
-                                     f"OUT_DIR = {str(out)!r}")
-    nb.cells.insert(nb.cells.index(code[0]) + 1, tiny)
+    # the recipe line the first cell picked, shrunk (whichever it picked: each line has its flags);
+    # the report card stays on: the notebook shows it. A 64-token context, not SHRINK's 16: the
+    # transformers cell writes up to block_size tokens, and a story of 12 has too few words
+    flags = {recipe: ' '.join(shrink_flags(recipe, budget=NOTEBOOK_BUDGET_MINUTES, shortcuts=()) + ['--block_size=64'])
+             for recipe in notebook_recipes()}
+    shrink = nbformat.v4.new_code_cell(f"TRAIN += ' ' + {flags!r}[TRAIN]\nDATA_DIR = {str(tmp_path / 'data')!r}\n"
+                                       f"OUT_DIR = {str(out)!r}")
+    nb.cells.insert(nb.cells.index(code[0]) + 1, shrink)
     monkeypatch.delenv('TIKTOKEN_CACHE_DIR', raising=False)  # the notebook's offline path sets it
     NotebookClient(nb, timeout=600, kernel_name='python3', resources={'metadata': {'path': str(REPO)}}).execute()
 
@@ -37,7 +50,10 @@ def test_the_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     assert 'data: --train_files=../shared/data/tinystories/train.txt' in shown(nb, 'REPO_URL = ')[0]
     assert '2,800 stories' in shown(nb, '!{sys.executable} prepare.py')[0] and (tmp_path / 'data' / 'meta.json').is_file()
     trained = shown(nb, '!{sys.executable} train.py')[0]
-    assert 'iter 8/8' in trained and 'done: 8 iters' in trained and 'report.md' in trained
+    iters, _ = assert_lr_schedule_ends_at_min_lr(out, trained)
+    assert f'done: {iters} iters' in trained and 'report.md' in trained
+    if 'No GPU' in recipe:  # the CPU recipe's budget, fitted
+        assert f'--max_minutes={NOTEBOOK_BUDGET_MINUTES:g}: max_iters={iters} (' in trained
     assert 'image/png' in shown(nb, "Image(f'{OUT_DIR}/loss_curve.png')")[1]
     report = shown(nb, "open(f'{OUT_DIR}/report.md')")[1]['text/markdown']
     assert report.startswith('# SLM run report') and 'val loss, full pass' in report
