@@ -31,10 +31,12 @@ from dataclasses import fields
 
 import torch
 
-from common import (autocast, check_counts, check_seed, check_writable, config_defaults, die, die_if_disk_full,
-                    get_tokenizer, matmul_flops, parse_config, peak_memory, pick_device, pick_dtype, read_stories,
-                    save_json, sync, timed)
-from model import GPT, GPTConfig, PackedLinears, sampling_problem, window_steps
+from common import (check_counts, check_seed, check_writable, config_defaults, die, die_if_disk_full, parse_config,
+                    save_json)
+from data import get_tokenizer, read_stories
+from device import autocast, matmul_flops, peak_memory, pick_device, pick_dtype, sync, timed
+from engine import decode_linears, generate_stream, sampling_problem, window_steps
+from model import GPT, GPTConfig
 # the two scripts whose own code bench.py times: train.py's step and prepare.py's pipeline
 from prepare import prepare_files
 from train import get_batch, get_lr, train_step
@@ -278,12 +280,12 @@ def time_generation(model, prompt, n, mode, cfg, device, dtype):
     """(seconds to the first token, seconds for all n) of one generate_stream run."""
     with autocast(device, dtype):  # MKL packing depends on autocast, as generate_stream runs it
         if mode != 'no cache':
-            PackedLinears(model, prompt.size(0))  # packs once per batch size in sample.py: not timed
+            decode_linears(model, prompt.size(0))  # MKL packing: once per batch size in sample.py, not timed
         sync(device)
         t0 = time.perf_counter()
         first = None
-        for i, _ in enumerate(model.generate_stream(prompt, n, cfg['temperature'], cfg['top_k'],
-                                                    use_kv_cache=mode != 'no cache', fast_window=mode == 'fast')):
+        for i, _ in enumerate(generate_stream(model, prompt, n, cfg['temperature'], cfg['top_k'],
+                                              use_kv_cache=mode != 'no cache', fast_window=mode == 'fast')):
             if i == 0:
                 sync(device)
                 first = time.perf_counter() - t0
@@ -296,7 +298,7 @@ def decode_matmul_seconds(model, batch, device, dtype):
     as a decoding step runs them at this batch size): the step if nothing else took time."""
     layers = [m for m in model.transformer.h.modules() if isinstance(m, torch.nn.Linear)] + [model.lm_head]
     inputs = [torch.randn(batch, 1, m.in_features, device=device) for m in layers]
-    with torch.no_grad(), autocast(device, dtype), PackedLinears(model, batch):
+    with torch.no_grad(), autocast(device, dtype), decode_linears(model, batch):
         return min(timed(lambda: [m(x) for m, x in zip(layers, inputs)], device, 3, 20))
 
 

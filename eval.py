@@ -32,10 +32,13 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 
-import common
-from common import (atomic_write, autocast, check_counts, check_generation_flags, check_writable,
-                    config_defaults, die, encode_stories, get_tokenizer, load_log, load_model, open_split,
-                    parse_config, pick_device, pick_dtype, plot_log, read_meta, read_stories)
+from checkpoints import load_model
+from common import (atomic_write, check_counts, check_generation_flags, check_writable, config_defaults, die,
+                    parse_config)
+from data import EOT_TOKEN, encode_stories, get_tokenizer, open_split, read_meta, read_stories
+from device import autocast, pick_device, pick_dtype
+from engine import generate
+from runlog import load_log, plot_log
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'        # the run: --report writes out_dir/report.md
@@ -101,7 +104,7 @@ def num_windows(n_tokens, block_size, stride):
 def stream_slice(tokens, a, b):
     """Positions a..b-1 of the stream EOT + tokens, as int64."""
     part = np.asarray(tokens[max(a - 1, 0):max(b - 1, 0)], dtype=np.int64)
-    return np.concatenate([[common.EOT_TOKEN], part]) if a == 0 else part
+    return np.concatenate([[EOT_TOKEN], part]) if a == 0 else part
 
 
 @torch.no_grad()
@@ -130,7 +133,7 @@ def evaluate_tokens(model, tokens, block_size=0, stride=0, batch_size=16, device
     for first in range(0, n_win, batch_size):
         rows = range(first, min(first + batch_size, n_win))
         # short last windows are padded at the end: causal attention keeps padding out of real positions
-        x = np.full((len(rows), T), common.EOT_TOKEN, dtype=np.int64)
+        x = np.full((len(rows), T), EOT_TOKEN, dtype=np.int64)
         y = np.full((len(rows), T), -1, dtype=np.int64)
         for r, k in enumerate(rows):
             chunk = stream_slice(tokens, k * S, k * S + T + 1)
@@ -212,14 +215,14 @@ def sample_stories(model, num_samples, max_new_tokens=200, temperature=0.8, top_
     for i in range(num_samples):
         prompt = PROMPTS[i % len(PROMPTS)]
         # a fresh story starts after <|endoftext|>, as every story in the training data does
-        idx = torch.tensor([[common.EOT_TOKEN] + enc.encode_ordinary(prompt)], dtype=torch.long, device=device)
+        idx = torch.tensor([[EOT_TOKEN] + enc.encode_ordinary(prompt)], dtype=torch.long, device=device)
         torch.manual_seed(seed + i)
         with autocast(device, dtype):
-            out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k or None,
-                                 top_p=top_p if top_p < 1.0 else None, eot_token=common.EOT_TOKEN)
+            out = generate(model, idx, max_new_tokens, temperature=temperature, top_k=top_k or None,
+                           top_p=top_p if top_p < 1.0 else None, eot_token=EOT_TOKEN)
         new = out[0, idx.size(1):].tolist()
-        ended = common.EOT_TOKEN in new
-        new = new[:new.index(common.EOT_TOKEN)] if ended else new
+        ended = EOT_TOKEN in new
+        new = new[:new.index(EOT_TOKEN)] if ended else new
         stories.append(dict(prompt=prompt, text=enc.decode(new), ended=ended))
     return stories
 

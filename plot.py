@@ -1,14 +1,15 @@
 """
 Draw a training run's loss curves: train and val loss against tokens seen, with the
 learning rate on a second axis, from out_dir/log.jsonl (written by train.py at every
-evaluation) to out_dir/loss_curve.png. train.py draws it (common.plot_log) when it
+evaluation) to out_dir/loss_curve.png. train.py draws it (runlog.plot_log) when it
 finishes; run this to look at a run in progress:
 
     python plot.py --out_dir=out
 """
 import os
 
-from common import check_writable, config_defaults, die, parse_config, plot_log
+from common import check_writable, config_defaults, die, parse_config
+from runlog import plot_log
 
 out_dir = 'out'  # the run folder: reads log.jsonl, writes loss_curve.png
 

@@ -26,9 +26,8 @@ from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-import common
-from common import (check_file, check_writable, config_defaults, die, encode_stories, get_tokenizer, parse_config,
-                    read_chunks, read_meta, save_json, split_stories)
+from common import check_writable, config_defaults, die, die_if_disk_full, parse_config, save_json
+from data import EOT_TOKEN, check_file, encode_stories, get_tokenizer, read_chunks, read_meta, split_stories
 
 # -----------------------------------------------------------------------------
 # config (python prepare.py --key=value)
@@ -49,7 +48,7 @@ _ROUTES = ("to prepare offline, tokenize local files in the TinyStories layout: 
 
 
 # -----------------------------------------------------------------------------
-# worker tasks: GPT-2 BPE (common.encode_stories), EOT after every story
+# worker tasks: GPT-2 BPE (data.encode_stories), EOT after every story
 
 def _encode_batch(stories):
     """Worker task: (tokens, UTF-8 bytes of text, number of stories) of a list of stories."""
@@ -123,7 +122,7 @@ def write_split(name, results, path, total=None):
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:  # a full disk: one line naming the bin (not its temp name)
-        common.die_if_disk_full(e, os.path.join(os.path.dirname(path), f"{name}.bin"))
+        die_if_disk_full(e, os.path.join(os.path.dirname(path), f"{name}.bin"))
         raise
     dt = time.perf_counter() - t0
     print(f"{name}: {stories:,} stories, {tokens:,} tokens, {text_bytes / 1e6:.1f} MB of text "
@@ -199,7 +198,7 @@ def write_dataset(out_dir, split_tasks, sources, num_proc=0):
             os.remove(meta_path)
         for split in splits:
             os.replace(tmp[split], os.path.join(out_dir, f"{split}.bin"))
-        meta = {'tokenizer': 'gpt2', 'vocab_size': 50257, 'eot_token': common.EOT_TOKEN, 'dtype': 'uint16',
+        meta = {'tokenizer': 'gpt2', 'vocab_size': 50257, 'eot_token': EOT_TOKEN, 'dtype': 'uint16',
                 'splits': splits, 'sources': sources}
         save_json(meta, meta_path)
     except OSError as e:

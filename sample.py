@@ -16,8 +16,11 @@ import time
 
 import torch
 
-from common import (autocast, check_generation_flags, config_defaults, die, get_tokenizer, load_model,
-                    parse_config, pick_device, pick_dtype, story_text)
+from checkpoints import load_model
+from common import check_generation_flags, config_defaults, die, parse_config
+from data import get_tokenizer, story_text
+from device import autocast, pick_device, pick_dtype
+from engine import generate_stream
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'          # reads out_dir/best_model_params.pt, the best checkpoint train.py saved
@@ -34,7 +37,7 @@ dtype = 'auto'           # float32, bfloat16 or float16; auto = bf16/fp16 on GPU
 compile = False          # torch.compile the model's forward (PyTorch 2; a slow first sample)
 kv_cache = True          # False re-runs the whole context every token, as nanoGPT (slow; for checks)
 fast_window = False      # past block_size keep half the window instead of re-running it:
-                         # faster long samples, slightly worse text (README)
+                         # faster long samples, slightly worse text (docs/sampling.md)
 # -----------------------------------------------------------------------------
 
 
@@ -103,10 +106,10 @@ def main(argv=None):
         for _ in range(cfg['num_samples']):
             sys.stdout.write(prompt)
             with autocast(dev, precision):
-                stream = model.generate_stream(x, cfg['max_new_tokens'], cfg['temperature'], cfg['top_k'],
-                                               cfg['top_p'], eot_token=enc.eot_token,
-                                               use_kv_cache=cfg['kv_cache'], fast_window=cfg['fast_window'],
-                                               generator=generator)
+                stream = generate_stream(model, x, cfg['max_new_tokens'], cfg['temperature'], cfg['top_k'],
+                                         cfg['top_p'], eot_token=enc.eot_token,
+                                         use_kv_cache=cfg['kv_cache'], fast_window=cfg['fast_window'],
+                                         generator=generator)
                 n_tokens += print_story(enc, (token.item() for token in stream), sys.stdout)
             sys.stdout.write('\n---------------\n')
             sys.stdout.flush()

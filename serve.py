@@ -32,9 +32,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
-from common import (autocast, check_counts, config_defaults, die, get_tokenizer, load_model, parse_config,
-                    pick_device, pick_dtype, story_text)
-from model import sampling_problem
+from checkpoints import load_model
+from common import check_counts, config_defaults, die, parse_config
+from data import get_tokenizer, story_text
+from device import autocast, pick_device, pick_dtype
+from engine import generate_stream, sampling_problem
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'            # serves out_dir/best_model_params.pt, the best checkpoint train.py saved
@@ -136,8 +138,8 @@ def completion_events(model, enc, req, device):
     x = torch.tensor([([enc.eot_token] + req['ids'])[-model.config.block_size:]], dtype=torch.long, device=device)
     for index in range(req['n']):
         tokens = []
-        stream = model.generate_stream(x, req['max_tokens'], req['temperature'], req['top_k'], req['top_p'],
-                                       eot_token=enc.eot_token, generator=generator)
+        stream = generate_stream(model, x, req['max_tokens'], req['temperature'], req['top_k'], req['top_p'],
+                                 eot_token=enc.eot_token, generator=generator)
         text, sent, finish = '', 0, None
         for piece in story_text(enc, (tokens.append(t.item()) or tokens[-1] for t in stream)):
             text += piece

@@ -13,7 +13,6 @@ weights so far (out_dir/best_model_params.pt) and everything needed to resume
 (out_dir/ckpt.pt). Ctrl-C or SIGTERM saves ckpt.pt after the current step, then exits
 with 130/143; `--init_from=resume` continues the same run (same losses as if never stopped).
 """
-import json
 import math
 import os
 import signal
@@ -28,10 +27,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (GPT2_HUB, atomic_write, autocast, check_writable, clean_state_dict, config_defaults, die,
-                    die_if_disk_full, download_gpt2, load_meta, load_weights, matmul_flops, open_split, parse_config, peak_memory,
-                    pick_device, pick_dtype, plot_log, read_checkpoint, read_log, torch_save)
+from checkpoints import GPT2_HUB, clean_state_dict, download_gpt2, load_weights, read_checkpoint
+from common import check_writable, config_defaults, die, parse_config, torch_save
+from data import load_meta, open_split
+from device import autocast, matmul_flops, peak_memory, pick_device, pick_dtype
+from engine import generate
 from model import GPT, GPTConfig
+from runlog import append_log, plot_log, start_log
 
 # -----------------------------------------------------------------------------
 # default config: the seed recipe (a 6-layer, 6-head, 384-wide GPT on TinyStories)
@@ -347,7 +349,7 @@ def open_data(cfg, vocab_size):
 def restore_state(ckpt, optimizer, scaler, run, log):
     """Optimizer, scaler and every random stream from the checkpoint, so the run continues
     exactly. Nothing may draw from the restored streams before training does (see
-    common.matmul_flops). Returns (start iter, best val loss)."""
+    device.matmul_flops). Returns (start iter, best val loss)."""
     optimizer.load_state_dict(ckpt['optimizer'])
     if ckpt.get('scaler'):
         scaler.load_state_dict(ckpt['scaler'])
@@ -362,30 +364,9 @@ def restore_state(ckpt, optimizer, scaler, run, log):
     return ckpt['iter_num'], ckpt['best_val_loss']
 
 
-def start_log(cfg, start_iter):
-    """out_dir/log.jsonl: on resume keep the rows up to the checkpoint, else start over.
-    Returns the wall time the kept rows had already taken."""
-    try:
-        os.makedirs(cfg['out_dir'], exist_ok=True)
-    except OSError as e:  # check_writable cannot foresee everything (e.g. a folder under /proc)
-        die(f"cannot create out_dir {cfg['out_dir']} ({e.strerror}): choose a writable --out_dir")
-    log_path = os.path.join(cfg['out_dir'], 'log.jsonl')
-    rows = ([r for r in read_log(log_path, columns=('iter',)) if r['iter'] <= start_iter]  # evaluations and steps
-            if cfg['init_from'] == 'resume' else [])
-    atomic_write(log_path, lambda f: f.writelines(json.dumps(r) + '\n' for r in rows), mode='w')
-    return next((r.get('elapsed_s', 0.0) for r in reversed(rows) if 'elapsed_s' in r), 0.0)
-
-
-def append_log(cfg, run, row):
-    """One JSON row at the end of out_dir/log.jsonl: an evaluation's or a step's; and to W&B.
-    A full disk stops with one line; the rows before stay (read_log skips a cut-off last line)."""
-    path = os.path.join(cfg['out_dir'], 'log.jsonl')
-    try:
-        with open(path, 'a') as f:
-            f.write(json.dumps(row) + '\n')
-    except OSError as e:
-        die_if_disk_full(e, path)
-        raise
+def log_row(cfg, run, row):
+    """One row, an evaluation's or a step's, to out_dir/log.jsonl and to W&B."""
+    append_log(cfg['out_dir'], row)
     if run['wandb']:
         run['wandb'].log(wandb_row(row), step=row['iter'])
 
@@ -474,7 +455,7 @@ def evaluate(cfg, run, model, model_args, eval_model, optimizer, scaler, splits,
         return best_val_loss, loss_s
     row = {'iter': it, 'tokens': it * run['tokens_per_iter'], 'train_loss': losses['train'],
            'val_loss': losses['val'], 'lr': get_lr(it, cfg), **row}
-    append_log(cfg, run, row)
+    log_row(cfg, run, row)
     improved = losses['val'] < best_val_loss
     best_val_loss = min(best_val_loss, losses['val'])
     if it > 0 and improved:
@@ -491,12 +472,11 @@ def decode_seconds(model, run):
     with torch.random.fork_rng(), run['ctx']:
         model.eval()
         idx = torch.zeros((1, 1), dtype=torch.long, device=run['device'])
-        model.generate(idx, 2)  # first-call allocations
+        generate(model, idx, 2)  # first-call allocations
         t0 = time.time()
-        model.generate(idx, 16)
+        generate(model, idx, 16)
         seconds = (time.time() - t0) / 16
         model.train()
-    model._mkl_packed = None  # free the decoding copies of the weights (model.PackedLinears): they go stale now
     return seconds
 
 
@@ -593,7 +573,7 @@ def train_loop(cfg, run, model, model_args, train_model, eval_model, optimizer, 
                     run['wandb'].config.update({k: cfg[k] for k in ('max_iters', 'warmup_iters')}, allow_val_change=True)
                 t_window = time.time()  # the fitting is not a training step
         if run['master']:  # the loss and LR of every step, for the loss curve
-            append_log(cfg, run, {'iter': it, 'tokens': it * tokens_per_iter, 'loss': round(lossf, 4), 'lr': lr})
+            log_row(cfg, run, {'iter': it, 'tokens': it * tokens_per_iter, 'loss': round(lossf, 4), 'lr': lr})
         if it % cfg['log_interval'] == 0 and run['master']:
             mfu = model.estimate_mfu(tokens_per_iter / world_size, ema_dt, peak)
             print(f"iter {it}/{cfg['max_iters']} | loss {lossf:.4f} | lr {lr:.2e} | {ema_dt * 1000:.0f} ms/iter | "
@@ -615,7 +595,7 @@ def train_loop(cfg, run, model, model_args, train_model, eval_model, optimizer, 
 
 def write_report(cfg, device, dtype):
     """out_dir/report.md, the run's report card: eval.py --report, run as a user would run it
-    (a script, not an import: train.py depends only on common and model)."""
+    (a script, not an import: train.py imports no script)."""
     eval_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'eval.py')
     r = subprocess.run([sys.executable, eval_py, '--report', f"--out_dir={cfg['out_dir']}", f'--device={device}',
                         f'--dtype={dtype}'], capture_output=True, text=True)
@@ -670,7 +650,7 @@ def main(argv=None):
         f"{cfg['batch_size']} x {cfg['block_size']}), {dtype} on {device}")
 
     # the loop, then the end
-    elapsed_before = start_log(cfg, start_iter) if master and not cfg['eval_only'] else 0.0
+    elapsed_before = start_log(cfg['out_dir'], start_iter, cfg['init_from']) if master and not cfg['eval_only'] else 0.0
     if master and cfg['wandb_log'] and not cfg['eval_only']:
         start_wandb(cfg, run)
     signal.signal(signal.SIGINT, request_stop)

@@ -5,7 +5,7 @@
 # A time budget, not a step count: after 10 timed steps train.py fixes max_iters so that training,
 # evaluations, checkpoints and the report card end 15 minutes after it started, on any machine
 # (--max_minutes=N for another budget). The recipe was swept on 2 cores of an AMD EPYC for the lowest
-# full-pass val loss in 15 minutes (README: "The CPU recipe"); what decided it:
+# full-pass val loss in 15 minutes (docs/cpu_recipe.md); what decided it:
 # - 4 layers x 256 wide: the 50,257 x 256 output layer is 80% of the 16M parameters and of the
 #   FLOPs, so depth is cheap and width is not.
 # - dropout 0: the 2,800 stories are seen ~2.5 times; dropout 0.1 costs ~14% of a step on a CPU,
@@ -13,7 +13,7 @@
 # - lr 2e-3 with a 50-step warmup, beta2 0.99 and clipping at 1.0: a small model takes a high LR.
 # - bf16 autocast where the CPU multiplies bf16 in hardware (AVX512-BF16, AMX): 1.5x fp32's
 #   tokens/s on that EPYC; elsewhere bf16 is emulated, so fp32.
-from common import cpu_has_bf16_matmul
+from device import cpu_has_bf16_matmul
 
 out_dir = 'out'
 data_dir = 'data/tinystories'

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import GPT, GPTConfig, window_steps
+from engine import window_steps
+from model import GPT, GPTConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = ['--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=16', '--threads=1']
@@ -68,7 +69,7 @@ def test_prepare_times_the_real_path_and_cleans_up(tmp_path, stories_dir):
     r, res = run_bench(tmp_path, '--what=prepare', f'--text={src}', '--mb=0.02', '--repeats=1', '--threads=1')
     check_header(r.stdout, 'prepare')
     assert 'prepare MB/s' in r.stdout and 'encode_ordinary 1 core' in r.stdout
-    from common import encode_stories, read_stories  # what prepare.py runs
+    from data import encode_stories, read_stories  # what prepare.py runs
     stories = read_stories(src)
     copies = -(-20_000 // src.stat().st_size)  # the file replicated to >= 0.02 MB, plus itself as val
     p = res['prepare']

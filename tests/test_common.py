@@ -1,4 +1,6 @@
-"""common.py: the config flags, errors, atomic files and checked loading every script relies on."""
+"""The shared modules every script relies on: config flags and errors, atomic files (common.py),
+device choice (device.py), the tokenizer and the data on disk (data.py), checked loading
+(checkpoints.py), the run log and its plot (runlog.py); and the one-way flow of imports."""
 import ast
 import importlib
 import json
@@ -10,9 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import common
 from conftest import error_of
+from data import open_split
+import device
 from model import GPT, GPTConfig
+import runlog
 
 DEFAULTS = {'batch_size': 32, 'learning_rate': 6e-4, 'compile': False, 'out_dir': 'out', 'top_k': None}
 
@@ -73,15 +79,15 @@ def write_data(tmp_path, tokens, vocab_size=50257, meta_tokens=None):
 
 
 def test_open_split_checks_the_bins_against_meta(tmp_path):
-    assert 'run `python prepare.py`' in error_of(common.open_split, tmp_path, 'val')
+    assert 'run `python prepare.py`' in error_of(open_split, tmp_path, 'val')
     write_data(tmp_path, [1, 2, 3, 50256])
-    assert list(common.open_split(tmp_path, 'val', 50257)) == [1, 2, 3, 50256]
-    assert "no 'train' split" in error_of(common.open_split, tmp_path, 'train')
-    assert 'vocab_size=50257' in error_of(common.open_split, tmp_path, 'val', 1000)
+    assert list(open_split(tmp_path, 'val', 50257)) == [1, 2, 3, 50256]
+    assert "no 'train' split" in error_of(open_split, tmp_path, 'train')
+    assert 'vocab_size=50257' in error_of(open_split, tmp_path, 'val', 1000)
     write_data(tmp_path, [1, 2, 3], meta_tokens=4)  # truncated bin
-    assert 'truncated or stale' in error_of(common.open_split, tmp_path, 'val')
+    assert 'truncated or stale' in error_of(open_split, tmp_path, 'val')
     (tmp_path / 'meta.json').write_text('{"splits": ')
-    assert 'unreadable' in error_of(common.open_split, tmp_path, 'val')
+    assert 'unreadable' in error_of(open_split, tmp_path, 'val')
 
 
 def tiny_checkpoint(prefix=''):
@@ -96,36 +102,36 @@ def tiny_checkpoint(prefix=''):
 def test_load_model_accepts_compiled_and_ddp_state_dicts(tmp_path, prefix):
     model, ckpt = tiny_checkpoint(prefix)
     common.torch_save(ckpt, tmp_path / 'ckpt.pt')
-    loaded, _ = common.load_model(str(tmp_path / 'ckpt.pt'))
+    loaded, _ = checkpoints.load_model(str(tmp_path / 'ckpt.pt'))
     for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(a, b)
 
 
 def test_unreadable_checkpoints_are_one_line_errors(tmp_path):
-    assert 'run `python train.py` first' in error_of(common.read_checkpoint, str(tmp_path / 'none.pt'))
+    assert 'run `python train.py` first' in error_of(checkpoints.read_checkpoint, str(tmp_path / 'none.pt'))
     _, ckpt = tiny_checkpoint()
     common.torch_save(ckpt, tmp_path / 'good.pt')
     data = (tmp_path / 'good.pt').read_bytes()
     (tmp_path / 'cut.pt').write_bytes(data[:len(data) // 2])
-    assert 'corrupt, truncated' in error_of(common.read_checkpoint, str(tmp_path / 'cut.pt'))
+    assert 'corrupt, truncated' in error_of(checkpoints.read_checkpoint, str(tmp_path / 'cut.pt'))
     torch.save({'weights': 1}, tmp_path / 'other.pt')
-    assert 'not an SLM checkpoint' in error_of(common.read_checkpoint, str(tmp_path / 'other.pt'))
+    assert 'not an SLM checkpoint' in error_of(checkpoints.read_checkpoint, str(tmp_path / 'other.pt'))
     ckpt['model_args']['n_embd'] = 32
     common.torch_save(ckpt, tmp_path / 'mismatch.pt')
-    assert 'does not match' in error_of(common.load_model, str(tmp_path / 'mismatch.pt'))
+    assert 'does not match' in error_of(checkpoints.load_model, str(tmp_path / 'mismatch.pt'))
 
 
 def test_device_and_dtype_choice():
     # auto: what torch reports here (CI has no GPU; a user's machine may)
     mps = getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available()
-    assert common.pick_device('auto') == ('cuda' if torch.cuda.is_available() else 'mps' if mps else 'cpu')
-    assert common.pick_device('cpu') == 'cpu'
+    assert device.pick_device('auto') == ('cuda' if torch.cuda.is_available() else 'mps' if mps else 'cpu')
+    assert device.pick_device('cpu') == 'cpu'
     if not torch.cuda.is_available():
-        assert 'not usable here' in error_of(common.pick_device, 'cuda')
-    assert '--device=cpu' in error_of(common.pick_device, 'nonsense')
-    assert common.pick_dtype('auto', 'cpu') == 'float32'
-    assert common.pick_dtype('bfloat16', 'cpu') == 'bfloat16'
-    assert 'not one of' in error_of(common.pick_dtype, 'fp8', 'cpu')
+        assert 'not usable here' in error_of(device.pick_device, 'cuda')
+    assert '--device=cpu' in error_of(device.pick_device, 'nonsense')
+    assert device.pick_dtype('auto', 'cpu') == 'float32'
+    assert device.pick_dtype('bfloat16', 'cpu') == 'bfloat16'
+    assert 'not one of' in error_of(device.pick_dtype, 'fp8', 'cpu')
 
 
 def test_a_tokenizer_download_that_never_answers_fails_in_one_line(tmp_path):
@@ -143,7 +149,7 @@ def test_a_tokenizer_download_that_never_answers_fails_in_one_line(tmp_path):
                HTTP_PROXY=f'http://127.0.0.1:{port}')
     t0 = time.time()
     with silent:
-        r = subprocess.run([sys.executable, '-c', 'import common; common.get_tokenizer(timeout=2)'],
+        r = subprocess.run([sys.executable, '-c', 'import data; data.get_tokenizer(timeout=2)'],
                            cwd=os.path.dirname(common.__file__), capture_output=True, text=True, env=env, timeout=60)
     assert time.time() - t0 < 30
     assert r.returncode == 1 and r.stderr.startswith('error:') and len(r.stderr.strip().splitlines()) == 1
@@ -172,9 +178,9 @@ def test_read_log_skips_a_row_being_written(tmp_path):
     row = {'iter': 0, 'tokens': 0, 'train_loss': 10.9, 'val_loss': 10.9, 'lr': 1e-4}
     log = tmp_path / 'log.jsonl'
     log.write_text(json.dumps(row) + '\n' + json.dumps({**row, 'iter': 4}) + '\n{"iter": 8, "tok')
-    assert [r['iter'] for r in common.read_log(str(log))] == [0, 4]
-    assert common.read_log(str(tmp_path / 'none.jsonl')) == []
-    assert common.plot_log(str(tmp_path)).endswith('loss_curve.png')
+    assert [r['iter'] for r in runlog.read_log(str(log))] == [0, 4]
+    assert runlog.read_log(str(tmp_path / 'none.jsonl')) == []
+    assert runlog.plot_log(str(tmp_path)).endswith('loss_curve.png')
 
 
 def synthetic_log(path, n=400, every=50):
@@ -195,7 +201,7 @@ def synthetic_log(path, n=400, every=50):
 
 def test_loss_curve_shows_every_step_and_the_part_of_training_that_matters(tmp_path):
     rows = synthetic_log(tmp_path / 'log.jsonl')
-    fig = common.loss_figure(str(tmp_path))
+    fig = runlog.loss_figure(str(tmp_path))
     ax, lr_ax = fig.axes
     raw, mean, val = ax.get_lines()
     assert len(raw.get_xdata()) == len(mean.get_xdata()) == 400 and len(val.get_xdata()) == 9
@@ -211,7 +217,7 @@ def test_loss_curve_shows_every_step_and_the_part_of_training_that_matters(tmp_p
     # a log from before step rows existed: the evaluations alone still plot
     evals = [r for r in rows if 'val_loss' in r]
     (tmp_path / 'log.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in evals))
-    assert len(common.loss_figure(str(tmp_path)).axes[0].get_lines()) == 2
+    assert len(runlog.loss_figure(str(tmp_path)).axes[0].get_lines()) == 2
 
 
 SCRIPTS = ['prepare', 'train', 'sample', 'eval', 'export', 'plot', 'bench', 'serve']
@@ -235,10 +241,23 @@ def common_dir():
 
 
 def test_imports_flow_one_way():
-    """Scripts import common and model, never each other (bench.py alone times train.py's step
-    and prepare.py's pipeline, and says so); common and model import no script: no cycles."""
-    for name in ['common', 'model']:
+    """Scripts import the shared modules (every other .py beside them: common, model, kernels,
+    engine, ...), never each other (bench.py alone times train.py's step and prepare.py's pipeline,
+    and says so); a shared module imports no script, and the shared ones import each other
+    without cycles (model.py imports kernels and engine, which know nothing of model.py)."""
+    shared = sorted(p.stem for p in common_dir().glob('*.py') if p.stem not in SCRIPTS)
+    assert {'common', 'device', 'data', 'checkpoints', 'hf', 'runlog', 'model', 'kernels', 'engine'} <= set(shared)
+    uses = {name: imported_modules(name) & set(shared) - {name} for name in shared}
+    for name in shared:
         assert not imported_modules(name) & set(SCRIPTS), name
+        reached, todo = set(), list(uses[name])
+        while todo:  # every shared module name imports, directly or through others
+            m = todo.pop()
+            if m not in reached:
+                reached.add(m)
+                todo += uses[m]
+        assert name not in reached, f"{name} imports itself through {sorted(reached)}"
+    assert 'model' not in uses['engine'] | uses['kernels']
     for name in SCRIPTS:
         allowed = {'train', 'prepare'} if name == 'bench' else set()
         assert imported_modules(name) & set(SCRIPTS) <= allowed, name

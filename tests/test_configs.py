@@ -3,7 +3,7 @@ every recipe line of SLM.ipynb (its first cell picks one per hardware). Each run
 must show the LR schedule a user of that line gets: the LR rises to learning_rate at the end of
 the warmup, never goes above it, and has decayed to min_lr by the last step, also when
 --max_iters or --max_minutes shortens the run (config/tinystories.py once set
-lr_decay_iters = 20000: the README's 300-step GPU check never left its warmup, and the
+lr_decay_iters = 20000: the 300-step GPU check (docs/training.md) never left its warmup, and the
 notebook's 60-minute T4 run, ~11,700 steps, would have ended at an LR near 2.3e-4, 4.6x min_lr).
 
 The rule of tests/conftest.py holds: the flags below shrink sizes and step counts; the one
@@ -41,7 +41,7 @@ SHRINK = {
     # its own 8 steps (warmup 1000 cut to 8 // 10 = 0) end 3.8% above min_lr: 40 steps, warmup
     # cut to 4, end 0.19% above (its sizes shrunk further: its 512 tokens a step take 250 ms)
     'config/tiny.py': [*SIZES, '--max_iters=40'],
-    # the README's "Checking a GPU machine" line: 300 steps, warmup cut to 30, 270 steps of cosine
+    # docs/training.md's "Checking a GPU machine" line: 300 steps, warmup cut to 30, 270 steps of cosine
     'config/tinystories.py': [*SIZES, *CPU, '--max_iters=300', '--eval_interval=100'],
     # a 15-minute budget: a short one (its 50-step warmup stays; max_iters is fitted to ~800)
     'config/tinystories_cpu.py': [*SIZES, f'--max_minutes={BUDGET_MINUTES}'],

@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import common
 from conftest import error_of
+from data import EOT_TOKEN, get_tokenizer
 import eval as ev
-from common import EOT_TOKEN
 from model import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +49,7 @@ def run_eval(*args):
 def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp('ckpt') / 'best_model_params.pt'
     save_tiny_ckpt(path)
-    model, _ = common.load_model(str(path))
+    model, _ = checkpoints.load_model(str(path))
     return model
 
 
@@ -98,7 +99,7 @@ def test_bits_per_byte_from_text_files_and_bin_agree(tmp_path, tiny):
 
     tokens, text_bytes = ev.read_text_files([str(tmp_path / 'a.txt')])
     assert text_bytes == n_bytes
-    enc = common.get_tokenizer()
+    enc = get_tokenizer()
     assert list(tokens) == enc.encode_ordinary(stories[0]) + [EOT_TOKEN] + enc.encode_ordinary(stories[1]) + [EOT_TOKEN]
     out = ev.add_bits_per_byte(ev.evaluate_tokens(tiny, tokens), text_bytes)
     assert out['bits_per_byte'] == pytest.approx(out['loss'] * out['tokens'] / n_bytes / math.log(2))
@@ -151,7 +152,7 @@ def test_story_sampling_is_seeded_and_cut_at_endoftext(tiny):
     a, b = ev.sample_stories(tiny, **kw), ev.sample_stories(tiny, **kw)
     assert a == b
     assert [s["prompt"] for s in a] == ev.PROMPTS[:2]
-    enc = common.get_tokenizer()
+    enc = get_tokenizer()
     for s in a:
         n = len(enc.encode_ordinary(s['text']))
         assert '<|endoftext|>' not in s['text']
@@ -187,7 +188,7 @@ def test_report_has_every_section_and_the_curve(tmp_path):
                    'val bits per byte', 'distinct-1 / 2 / 3', '| batch_size | `4` |']:
         assert figure in text, figure
     assert text.count('**Story ') == 5 and '**Once upon a time**' in text  # five sample stories
-    full = ev.evaluate_tokens(common.load_model(str(run / 'best_model_params.pt'))[0],
+    full = ev.evaluate_tokens(checkpoints.load_model(str(run / 'best_model_params.pt'))[0],
                               np.fromfile(data_dir / 'val.bin', dtype=np.uint16))
     assert f"val bits per byte | {full['loss_sum'] / math.log(2) / 500:.4f}" in text
     assert not [f for f in os.listdir(run) if '.tmp' in f]  # written atomically

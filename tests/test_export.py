@@ -13,12 +13,15 @@ os.environ['HF_HUB_OFFLINE'] = '1'  # tests never touch the network
 os.environ['TRANSFORMERS_VERBOSITY'] = 'error'
 transformers = pytest.importorskip('transformers')  # a test-only dependency
 
+import checkpoints  # noqa: E402
 import common  # noqa: E402
+from data import EOT_TOKEN, get_tokenizer  # noqa: E402
 import export  # noqa: E402
+import hf  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EOT = common.EOT_TOKEN
+EOT = EOT_TOKEN
 TINY = dict(block_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.1)  # GPT-2 vocab: the tokenizer ships too
 
 
@@ -57,16 +60,16 @@ def our_logits_all_positions(model, idx):
 def assert_same_model(ours, folder, idx, prompt):
     """HF's logits equal ours at every position, and 50 greedy tokens are identical."""
     ours.eval()
-    hf = load_hf(folder)
+    hf_model = load_hf(folder)
     with torch.no_grad():
-        hf_logits = hf(idx).logits
+        hf_logits = hf_model(idx).logits
     our_logits = our_logits_all_positions(ours, idx)
     assert hf_logits.shape == our_logits.shape == (idx.size(0), idx.size(1), ours.config.vocab_size)
     diff = (hf_logits - our_logits).abs().max().item()
     assert diff < 1e-4, f"max abs logit difference {diff}"
     # eos_token_id=None: HF would stop at <|endoftext|>, our loop never stops early
-    hf_tokens = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=50,
-                            do_sample=False, eos_token_id=None)
+    hf_tokens = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=50,
+                                  do_sample=False, eos_token_id=None)
     ours_tokens = ours.generate(prompt, 50, temperature=0.0)  # temperature 0 = greedy
     assert hf_tokens.shape == (1, prompt.size(1) + 50)
     assert hf_tokens.tolist() == ours_tokens.tolist()
@@ -74,14 +77,14 @@ def assert_same_model(ours, folder, idx, prompt):
 
 
 def assert_same_weights(a, b):
-    a, b = common.clean_state_dict(a), common.clean_state_dict(b)
+    a, b = checkpoints.clean_state_dict(a), checkpoints.clean_state_dict(b)
     assert sorted(a) == sorted(b)
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
 
 
 def story_tokens(path, n_stories):
-    enc = common.get_tokenizer()
+    enc = get_tokenizer()
     stories = [s.strip() for s in path.read_text(encoding='utf-8').split('<|endoftext|>') if s.strip()]
     return stories[:n_stories], [t for s in stories[:n_stories] for t in enc.encode_ordinary(s) + [EOT]]
 
@@ -124,10 +127,10 @@ def trained(tmp_path_factory, stories_dir):
 
 @pytest.mark.parametrize('bias', [True, False])
 def test_export_layout_is_model_layout(bias):
-    """export.py's GPT-2 tensor list is exactly model.py's state dict: names and shapes."""
+    """hf.py's GPT-2 tensor list is exactly model.py's state dict: names and shapes."""
     args = asdict(GPTConfig(**TINY, bias=bias))
     model = GPT(GPTConfig(**args), verbose=False)
-    assert common.gpt2_shapes(args, bias) == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert hf.gpt2_shapes(args, bias) == {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 @pytest.mark.parametrize('bias', [True, False])
@@ -143,8 +146,8 @@ def test_random_model_exports_exactly(tmp_path, bias):
     folder = export.export({'model': model.state_dict(), 'model_args': asdict(config)}, tmp_path / 'hf')
     idx = torch.randint(0, config.vocab_size, (2, config.block_size), generator=torch.Generator().manual_seed(1))
     assert_same_model(model, folder, idx, idx[:1, :10])
-    # and back: common.read_checkpoint imports the folder into our layout, bit for bit
-    back = common.read_checkpoint(folder)
+    # and back: checkpoints.read_checkpoint imports the folder into our layout, bit for bit
+    back = checkpoints.read_checkpoint(folder)
     assert back['model_args'] == asdict(config)
     assert_same_weights(back['model'], model.state_dict())
     with open(os.path.join(folder, 'config.json')) as f:
@@ -179,7 +182,7 @@ def test_trained_checkpoint_cli_export_and_tokenizer(tmp_path, trained, stories_
     assert_same_model(model, out, idx, prompt)
 
     # round trip export -> import gives the trained weights back
-    assert_same_weights(common.read_checkpoint(str(out))['model'], model.state_dict())
+    assert_same_weights(checkpoints.read_checkpoint(str(out))['model'], model.state_dict())
 
     card = (out / 'README.md').read_text()
     assert f"{losses[29]:.4f}" in card and 'data/tinystories' in card and '| 2 | 2 | 32 | 64 | 50257' in card
@@ -190,7 +193,7 @@ def test_trained_checkpoint_cli_export_and_tokenizer(tmp_path, trained, stories_
     (out / 'stale.txt').write_text('x')
     export.main([f'--ckpt={ckpt_path}', f'--out={out}', '--force'])
     assert not (out / 'stale.txt').exists() and os.listdir(out.parent) == ['slm-hf']
-    assert_same_weights(common.read_checkpoint(str(out))['model'], model.state_dict())
+    assert_same_weights(checkpoints.read_checkpoint(str(out))['model'], model.state_dict())
 
 
 def test_hf_gpt2_folders_import(tmp_path, capfd):
@@ -198,25 +201,25 @@ def test_hf_gpt2_folders_import(tmp_path, capfd):
     torch.manual_seed(0)
     hf_config = transformers.GPT2Config(vocab_size=50257, n_positions=32, n_embd=32, n_layer=2, n_head=4,
                                         activation_function='gelu')
-    hf = transformers.GPT2LMHeadModel(hf_config).eval()
+    hf_model = transformers.GPT2LMHeadModel(hf_config).eval()
     with torch.no_grad():  # HF initialises biases to zero: make them count
-        for name, p in hf.named_parameters():
+        for name, p in hf_model.named_parameters():
             if name.endswith('bias'):
                 p.add_(0.1 * torch.randn_like(p))
-    hf.save_pretrained(tmp_path / 'saved')
-    model, ckpt = common.load_model(str(tmp_path / 'saved'))
+    hf_model.save_pretrained(tmp_path / 'saved')
+    model, ckpt = checkpoints.load_model(str(tmp_path / 'saved'))
     assert ckpt['model_args'] == dict(vocab_size=50257, block_size=32, n_layer=2, n_head=4, n_embd=32,
                                       dropout=0.1, bias=True)
     idx = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        diff = (hf(idx).logits - our_logits_all_positions(model.eval(), idx)).abs().max().item()
+        diff = (hf_model(idx).logits - our_logits_all_positions(model.eval(), idx)).abs().max().item()
     assert diff < 1e-4
 
     # the layout OpenAI's GPT-2 ships: pytorch_model.bin, no 'transformer.' prefix, causal-mask buffers,
     # untrimmed lm_head, tanh GELU (imported with a note: close to ours, not bit-equal)
     legacy = tmp_path / 'legacy'
     legacy.mkdir()
-    state = {k.removeprefix('transformer.'): v for k, v in hf.state_dict().items()}
+    state = {k.removeprefix('transformer.'): v for k, v in hf_model.state_dict().items()}
     state['lm_head.weight'] = state['wte.weight']
     for i in range(2):
         state[f'h.{i}.attn.bias'] = torch.tril(torch.ones(1, 1, 32, 32))
@@ -224,7 +227,7 @@ def test_hf_gpt2_folders_import(tmp_path, capfd):
     torch.save(state, legacy / 'pytorch_model.bin')
     (legacy / 'config.json').write_text(json.dumps({**hf_config.to_dict(), 'activation_function': 'gelu_new'}))
     capfd.readouterr()
-    legacy_ckpt = common.read_checkpoint(str(legacy))
+    legacy_ckpt = checkpoints.read_checkpoint(str(legacy))
     assert 'gelu_new' in capfd.readouterr().err
     assert_same_weights(legacy_ckpt['model'], ckpt['model'])
 
@@ -268,15 +271,15 @@ def test_bad_inputs(tmp_path, trained):
                          ('untied', {'tie_word_embeddings': False})):
         folder = tmp_path / name
         folder.mkdir()
-        (folder / 'config.json').write_text(json.dumps({**export.hf_config(good['model_args'], 'float32'), **change}))
+        (folder / 'config.json').write_text(json.dumps({**hf.hf_config(good['model_args'], 'float32'), **change}))
         with pytest.raises(SystemExit) as e:
-            common.read_checkpoint(str(folder))
+            checkpoints.read_checkpoint(str(folder))
         assert name in one_line_error(e.value) or 'tie_word_embeddings' in str(e.value.code)
     empty = tmp_path / 'noweights'
     empty.mkdir()
-    (empty / 'config.json').write_text(json.dumps(export.hf_config(good['model_args'], 'float32')))
+    (empty / 'config.json').write_text(json.dumps(hf.hf_config(good['model_args'], 'float32')))
     with pytest.raises(SystemExit) as e:
-        common.read_checkpoint(str(empty))
+        checkpoints.read_checkpoint(str(empty))
     assert 'no model.safetensors' in one_line_error(e.value)
 
 

@@ -3,7 +3,6 @@ transformers, or by export.py) and from a nanoGPT checkpoint. At step 0 the run'
 the source model's own forward on the same batches; the loss falls; sample.py reads the result;
 a stopped fine-tune resumes bit for bit; a hub name offline stops with one line. Every run uses
 config/finetune_tinystories.py as shipped, sizes shrunk (the source model is tiny)."""
-import json
 import os
 import re
 import subprocess

@@ -1,4 +1,4 @@
-"""Generation gives the very token ids it gave before model.py's generation code was last
+"""Generation gives the very token ids it gave before the generation code (now engine.py) was last
 reworked: every mode (kv cache, no cache, fast_window, compiled), greedy and sampled, batch 1
 and 3 with rows stopping at eot, inside and past block_size, against tests/generation_reference.json.
 

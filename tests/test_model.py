@@ -1,15 +1,18 @@
-"""model.py: parameter count, checkpoint loading, the custom autograd Functions against autograd
-and gradcheck, and generation (kv cache, sampling, stopping)."""
+"""model.py: parameter count, checkpoint loading; kernels.py: the custom autograd Functions against
+autograd and gradcheck; engine.py: generation (kv cache, sampling, stopping, MKL packing)."""
+import weakref
 from dataclasses import asdict
 
 import pytest
 import torch
 
-from common import clean_state_dict, load_model, torch_save
+from checkpoints import clean_state_dict, load_model
+from common import torch_save
 import torch.nn.functional as F
 
-from model import (MKL_PACKED_GEMM, GPT, GeluLinear, GPTConfig, LinearCrossEntropy, PackedLinears, new_kv_cache,
-                   sample_logits)
+from engine import MKL_PACKED_GEMM, PackedLinears, new_kv_cache, sample_logits
+from kernels import GeluLinear, LinearCrossEntropy
+from model import GPT, GPTConfig
 
 TINY = dict(vocab_size=101, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
 
@@ -173,7 +176,7 @@ def test_packed_decoding_steps_match_plain_linear(batch):
     model = tiny_model()
     packed = PackedLinears(model, batch)
     assert len(packed.forwards) == 4 * model.config.n_layer + 1  # the blocks' Linears and lm_head
-    assert sum(map(len, model._mkl_packed[1].values())) == 2 * 4 * model.config.n_layer + 1  # steps, re-runs
+    assert sum(map(len, packed.copies.values())) == 2 * 4 * model.config.n_layer + 1  # steps, re-runs
     idx = prompts(batch, model.config.block_size)
 
     def run(cache, *args, **kwargs):
@@ -194,6 +197,24 @@ def test_packed_decoding_steps_match_plain_linear(batch):
     assert torch.allclose(fast, plain, atol=1e-3, rtol=0)  # logits ~40: fp32 summation order
     with torch.autocast('cpu', dtype=torch.bfloat16):
         assert not PackedLinears(model, batch).forwards  # bf16 activations: plain F.linear
+
+
+@pytest.mark.skipif(not MKL_PACKED_GEMM, reason="this PyTorch build has no MKL packed GEMM")
+def test_packed_copies_last_from_one_decoding_to_the_next_and_go_when_the_model_trains():
+    """Decoding reuses the copies while the weights stay; a backward pass frees them, as its
+    optimizer step would make them stale: train.py decodes between steps and need not hold them."""
+    model = tiny_model()
+    for _ in range(2):  # and again after the first training step
+        model.eval()
+        copy = weakref.ref(PackedLinears(model, 1).copies[model.lm_head][1])
+        model.generate(prompts(1, 3), 4)
+        assert copy() is PackedLinears(model, 1).copies[model.lm_head][1]  # not packed again
+        model.train()
+        model(prompts(2, 8), prompts(2, 8, seed=2))[1].backward()
+        assert copy() is None
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 1e-3 * p.grad  # a step: the next decoding packs the new weights
 
 
 def test_compiled_decoding_gives_the_eager_tokens():

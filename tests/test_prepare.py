@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-import common
+from data import EOT_TOKEN, encode_stories, get_tokenizer, open_split, read_chunks, read_stories, split_stories
 import prepare
 from conftest import error_of
 
@@ -41,8 +41,8 @@ def stripped_stories(path):
 
 
 def expected_tokens(stories):
-    enc = common.get_tokenizer()
-    return np.array([t for s in stories for t in enc.encode_ordinary(s) + [common.EOT_TOKEN]], dtype=np.uint16)
+    enc = get_tokenizer()
+    return np.array([t for s in stories for t in enc.encode_ordinary(s) + [EOT_TOKEN]], dtype=np.uint16)
 
 
 def files_args(stories_dir, out_dir, train='train.txt', val='validation.txt'):
@@ -60,14 +60,14 @@ def prepared(stories_dir, tmp_path_factory):
 
 def test_bins_decode_to_the_stripped_stories_joined_by_eot(prepared, stories_dir):
     out, _ = prepared
-    enc = common.get_tokenizer()
+    enc = get_tokenizer()
     for split, name in (('train', 'train.txt'), ('val', 'validation.txt')):
         stories = stripped_stories(stories_dir / name)
         tokens = np.fromfile(out / f'{split}.bin', dtype=np.uint16)
         assert enc.decode(tokens.tolist()) == SEP.join(stories) + SEP
         assert np.array_equal(tokens, expected_tokens(stories))  # encode_ordinary per story, then EOT
-        assert (tokens == common.EOT_TOKEN).sum() == len(stories)
-        assert tokens[-1] == common.EOT_TOKEN
+        assert (tokens == EOT_TOKEN).sum() == len(stories)
+        assert tokens[-1] == EOT_TOKEN
 
 
 def test_meta_describes_the_bins(prepared, stories_dir):
@@ -83,7 +83,7 @@ def test_meta_describes_the_bins(prepared, stories_dir):
         assert info['stories'] == len(stories)
         assert info['text_bytes'] == sum(len(s.encode('utf-8')) for s in stories)
         assert info['sha256'] == hashlib.sha256(data).hexdigest()
-        assert len(common.open_split(str(out), split, 50257)) == info['tokens']
+        assert len(open_split(str(out), split, 50257)) == info['tokens']
     assert meta['splits']['train']['stories'] == 2800 and meta['splits']['val']['stories'] == 317
     total = sum(s['tokens'] for s in meta['splits'].values())
     assert f"done: 3,117 stories, {total:,} tokens" in stdout  # the summary line
@@ -107,18 +107,18 @@ def test_chunks_never_cut_a_story_or_a_character(tmp_path):
     path.write_bytes(text.encode('utf-8'))
     expected = [s.strip() for s in text.removeprefix('\ufeff').split(SEP) if s.strip()]
     assert len(expected) == 4
-    assert common.read_stories(str(path)) == expected
+    assert read_stories(str(path)) == expected
     for size in (1, 2, 3, 7, 13, 64, 1000):
-        got = [s for chunk in common.read_chunks(str(path), size=size) for s in common.split_stories(chunk)]
+        got = [s for chunk in read_chunks(str(path), size=size) for s in split_stories(chunk)]
         assert got == expected, size
 
 
 def test_encode_stories_matches_encode_ordinary():
     stories = ['Once upon a time.', 'Zoë 🐉  spaces   \n\n and lines', 'x' * 3000, 'a' + SEP + 'b', '']
     for batch in (stories[:3], stories, [], ['lone \ud800 surrogate']):
-        enc = common.get_tokenizer()
-        want = [t for s in batch for t in enc.encode_ordinary(s) + [common.EOT_TOKEN]]
-        got = common.encode_stories(batch)
+        enc = get_tokenizer()
+        want = [t for s in batch for t in enc.encode_ordinary(s) + [EOT_TOKEN]]
+        got = encode_stories(batch)
         assert got.dtype == np.uint16 and got.tolist() == want
 
 
@@ -145,7 +145,7 @@ def test_rerun_is_a_noop_and_force_rebuilds(stories_dir, tmp_path):
         f.truncate(10)
     assert prepare.complete_meta(str(out)) is None
     prepare.main(other)
-    assert len(common.open_split(str(out), 'val')) == prepare.complete_meta(str(out))['splits']['val']['tokens']
+    assert len(open_split(str(out), 'val')) == prepare.complete_meta(str(out))['splits']['val']['tokens']
 
 
 def test_interrupt_while_swapping_files_leaves_nothing_complete(stories_dir, tmp_path, monkeypatch):
@@ -168,7 +168,7 @@ def test_interrupt_while_swapping_files_leaves_nothing_complete(stories_dir, tmp
     assert sorted(os.listdir(out)) == ['train.bin', 'val.bin']  # no meta.json, no temp files
     assert prepare.complete_meta(out) is None
     with pytest.raises(SystemExit, match='prepare.py'):
-        common.open_split(out, 'train')
+        open_split(out, 'train')
 
 
 def test_interrupt_while_tokenizing_keeps_the_old_complete_output(stories_dir, tmp_path, monkeypatch):
@@ -186,8 +186,8 @@ def test_interrupt_while_tokenizing_keeps_the_old_complete_output(stories_dir, t
     monkeypatch.setattr(prepare, 'write_split', write_then_interrupt)
     train = [str(stories_dir / 'validation.txt')]
     with pytest.raises(KeyboardInterrupt):
-        prepare.write_dataset(out, {'train': (prepare._encode_text, common.read_chunks(train[0], size=4096), None),
-                                    'val': (prepare._encode_text, common.read_chunks(sample[0]), None)},
+        prepare.write_dataset(out, {'train': (prepare._encode_text, read_chunks(train[0], size=4096), None),
+                                    'val': (prepare._encode_text, read_chunks(sample[0]), None)},
                               {'train': train, 'val': sample}, num_proc=2)
     assert sorted(os.listdir(out)) == ['meta.json', 'train.bin', 'val.bin']  # temp files removed
     assert prepare.complete_meta(out) == old  # the old run is untouched and still complete

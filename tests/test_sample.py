@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import sample
-from common import get_tokenizer, torch_save
+from common import torch_save
+from data import get_tokenizer
 from model import GPT, GPTConfig
 
 REPO = Path(__file__).resolve().parents[1]

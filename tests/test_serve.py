@@ -17,7 +17,8 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from common import get_tokenizer, torch_save
+from common import torch_save
+from data import get_tokenizer
 from conftest import REPO
 from model import GPT, GPTConfig
 

@@ -160,8 +160,8 @@ def test_accumulating_four_quarter_batches_matches_one_full_batch():
 
 @pytest.mark.parametrize('autocast_dtype', [None, torch.bfloat16])
 def test_memory_lean_training_path_matches_plain_autograd(monkeypatch, autocast_dtype):
-    """model.py keeps less for backward on CPU (checkpointed attention, GeluLinear, byte-mask
-    dropout); the loss and every gradient must match plain autograd's, dropout masks included."""
+    """model.py keeps less for backward on CPU (checkpointed attention, kernels.py's GeluLinear and
+    byte-mask Dropout); the loss and every gradient must match plain autograd's, dropout masks included."""
     import model as M
     import torch.nn.functional as F
     torch.manual_seed(0)
@@ -432,7 +432,7 @@ def test_wandb_logs_the_log_rows_and_config_and_a_resume_continues_the_run(data_
     the two offline runs are one W&B run (its id kept in ckpt.pt), together holding every row of
     log.jsonl at its iter, under W&B names, and the resolved config."""
     monkeypatch.setenv('WANDB_MODE', 'offline')
-    flags = ['--wandb_log=True', '--wandb_project=tinystories', '--wandb_run_name=seed']  # as in the README
+    flags = ['--wandb_log=True', '--wandb_project=tinystories', '--wandb_run_name=seed']  # as in docs/training.md
     stdout, stderr, returncode = train_until_sigterm('iter 3/', f'--data_dir={data_dir}', f'--out_dir={tmp_path}',
                                                      '--report=False', *flags)
     assert returncode == 128 + signal.SIGTERM, stderr
@@ -523,7 +523,7 @@ def test_cpu_recipe_takes_bf16_only_where_the_cpu_multiplies_it(monkeypatch, tmp
     """config/tinystories_cpu.py as `python train.py config/tinystories_cpu.py` reads it: a
     15-minute budget; bf16 autocast on a CPU with AVX512-BF16 or AMX, else fp32 (emulated bf16
     would be slower)."""
-    import common
+    import device
     def recipe():
         cfg = train.parse_config(train.config_defaults(vars(train)),
                                  [str(REPO / 'config/tinystories_cpu.py'), f'--out_dir={tmp_path}'])
@@ -531,7 +531,7 @@ def test_cpu_recipe_takes_bf16_only_where_the_cpu_multiplies_it(monkeypatch, tmp
         return cfg
     cfg = recipe()
     assert cfg['max_minutes'] == 15 and cfg['lr_decay_iters'] == 0 and cfg['device'] == 'cpu'
-    assert cfg['dtype'] == ('bfloat16' if common.cpu_has_bf16_matmul() else 'float32')
+    assert cfg['dtype'] == ('bfloat16' if device.cpu_has_bf16_matmul() else 'float32')
     for name in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'):
         monkeypatch.setattr(torch.cpu, name, lambda: False)
     assert recipe()['dtype'] == 'float32'

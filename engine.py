@@ -1,0 +1,238 @@
+"""
+Generation for model.py's GPT, as nanochat's engine.py: the KV cache, the window the model sees,
+sampling, the streaming loop, then MKL's packed GEMM for decoding on x86 CPUs (optional).
+
+It runs any model with GPT's forward(idx, kv_cache=, pos=), config and GPT-2 module names, and
+imports nothing of model.py: model.py imports it for GPT.generate and GPT.generate_stream.
+"""
+import contextlib
+import functools
+import math
+import weakref
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def new_kv_cache(model, batch_size):
+    """Per layer a (k, v) pair of empty (batch_size, n_head, block_size, head_size) buffers,
+    in the dtype the attention computes in (autocast's, if on)."""
+    cfg, weight = model.config, model.lm_head.weight
+    device_type = weight.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+    shape = (batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
+    return [(torch.empty(shape, dtype=dtype, device=weight.device),
+             torch.empty(shape, dtype=dtype, device=weight.device)) for _ in range(cfg.n_layer)]
+
+
+def window_steps(prompt_len, max_new_tokens, block_size, use_kv_cache=True, fast_window=False):
+    """generate_stream's schedule (bench.py's speed limit counts it too): per step (run, pos), the
+    model runs the last `run` tokens so far, the first at cache position pos. The model sees the
+    last block_size tokens, as nanoGPT crops its context. Without the cache (nanoGPT's loop, the
+    reference) every step runs that window; with it the prompt runs once, then one token per step.
+    Once the window is full every position shifts by one each step (positions are learned and
+    absolute), so the exact way re-runs the window every step; fast_window keeps its last
+    block_size // 2 tokens and goes on one token per step: much faster, but a token then sees
+    only block_size // 2 .. block_size tokens (docs/sampling.md: its loss cost)."""
+    n, pos = prompt_len, 0  # tokens so far; tokens held in the cache
+    for _ in range(max_new_tokens):
+        if not use_kv_cache:
+            yield min(n, block_size), 0
+        elif pos == 0 or pos == block_size:  # the prompt, or the window is full: refill the cache
+            pos = min(n, block_size // 2 if fast_window and pos == block_size else block_size)
+            yield pos, 0
+        else:  # one new token at the next free position
+            yield 1, pos
+            pos += 1
+        n += 1
+
+
+@torch.no_grad()
+def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eot_token=None,
+                    use_kv_cache=True, fast_window=False, generator=None):
+    """Yield the next token of every row of idx (B, T), a (B,) tensor, step by step.
+    use_kv_cache and fast_window: see window_steps. temperature 0 is greedy; see sample_logits
+    for top_k and top_p. With eot_token, a row that has produced it yields eot_token from then
+    on, and the stream ends once all have. The draws come from generator (a torch.Generator:
+    serve.py's per request), else torch's global one. Call model.eval() first."""
+    B, T = idx.shape
+    if T == 0:
+        raise ValueError("generate needs a prompt of at least one token (e.g. <|endoftext|>)")
+    problem = sampling_problem(temperature, top_k, top_p)
+    if problem:
+        raise ValueError(problem)
+    tokens = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
+    tokens[:, :T] = idx
+    n = T  # tokens so far
+    finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    cache = new_kv_cache(model, B) if use_kv_cache else None
+    linears = decode_linears(model, B) if use_kv_cache else contextlib.nullcontext()
+    for run, pos in window_steps(T, max_new_tokens, model.config.block_size, use_kv_cache, fast_window):
+        with linears:
+            logits = model(tokens[:, n - run:n], kv_cache=cache, pos=pos)[0][:, -1]
+        next_token = sample_logits(logits, temperature, top_k, top_p, generator)
+        if eot_token is not None:
+            next_token.masked_fill_(finished, eot_token)  # rows already done only pad
+            finished |= next_token == eot_token
+        tokens[:, n] = next_token
+        n += 1
+        yield next_token
+        if eot_token is not None and finished.all():
+            return
+
+
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eot_token=None,
+             use_kv_cache=True, fast_window=False):
+    """Append up to max_new_tokens tokens to each row of idx (B, T) and return (B, T + n), as
+    nanoGPT's generate. With eot_token, a row stops at its first eot_token and is padded with
+    it while the others go on; generation ends once every row has stopped."""
+    new = list(generate_stream(model, idx, max_new_tokens, temperature, top_k, top_p, eot_token,
+                               use_kv_cache, fast_window))
+    return torch.cat([idx] + [t.unsqueeze(1) for t in new], dim=1)
+
+
+def sampling_problem(temperature, top_k, top_p):
+    """What is wrong with these sampling options, in one line, or None: the one rule that
+    generate, sample.py, eval.py, serve.py and bench.py all apply. top_k 0 or None and top_p 1
+    or None switch those filters off."""
+    if not 0 <= temperature < math.inf:
+        return f"temperature={temperature} must be a finite number >= 0 (0 = greedy; 0.8 is typical)"
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
+        return f"top_k={top_k!r} must be a whole number >= 1, or 0 / None for all tokens"
+    if top_p is not None and not 0 < top_p <= 1:
+        return f"top_p={top_p} must be in (0, 1], e.g. 0.9 (1.0 or None = off)"
+    return None
+
+
+def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token id per row of logits (B, V): argmax at temperature 0, else a draw from
+    softmax(logits / temperature) restricted to the top_k most likely tokens and then to
+    the nucleus: the fewest most-likely tokens whose probabilities add up to >= top_p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    nucleus = top_p is not None and top_p < 1.0
+    if not top_k and not nucleus:  # top_k 0 or None: all tokens
+        return draw(F.softmax(logits.float() / temperature, dim=-1), generator)
+    if top_k:
+        # the top_k are the same before and after dividing by temperature: divide only them
+        top_logits, top_idx = torch.topk(logits, min(top_k, logits.size(-1)))  # most likely first
+        probs = F.softmax(top_logits.float() / temperature, dim=-1)
+    else:
+        logits = logits.float() / temperature
+        # sorting 50k probabilities takes milliseconds on a CPU, and the nucleus is nearly
+        # always among the 1000 most likely tokens: sort all only when it is not
+        probs = F.softmax(logits, dim=-1)
+        top_probs, top_idx = torch.topk(probs, min(1000, probs.size(-1)))
+        if (top_probs.sum(dim=-1) < top_p).any():
+            top_probs, top_idx = torch.sort(probs, dim=-1, descending=True)
+        probs = top_probs
+    if nucleus:
+        # drop a token once the more likely ones before it already reach top_p (keeps >= 1 token)
+        probs[probs.cumsum(dim=-1) - probs >= top_p] = 0.0
+    return top_idx.gather(-1, draw(probs, generator).unsqueeze(1)).squeeze(1)
+
+
+def draw(probs, generator=None):
+    """One index per row of probs (B, V), index i with probability probs[i] / probs.sum(),
+    from generator (None: torch's global one).
+
+    Inverse CDF: one uniform number per row. (torch.multinomial draws one exponential per
+    entry: about 1 ms per token on a CPU over 50k tokens, a tenth of a generation step.)
+    """
+    cdf = probs.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, generator=generator, dtype=total.dtype, device=total.device)
+    u *= torch.nextafter(total, torch.zeros_like(total))  # in [0, total)
+    # the first entry whose cdf exceeds u; zero-probability entries never are the first
+    return torch.searchsorted(cdf, u, right=True).squeeze(1)
+
+
+def decode_linears(model, batch_size):
+    """A context within which model's Linear layers run as decoding batch_size rows per step
+    wants them: through MKL's packed GEMM where the optional block below applies, else as they
+    are. Making it prepares the weights (packs them once, until they change), so bench.py makes
+    one before it starts a clock."""
+    return PackedLinears(model, batch_size)  # without the block below: contextlib.nullcontext()
+
+
+# -----------------------------------------------------------------------------
+# Optional: MKL's packed GEMM for decoding on x86 CPUs. Deleting this block (to the end of the
+# file) and the imports of functools, weakref and torch.nn, with decode_linears returning
+# contextlib.nullcontext(), costs speed alone: the same tokens, each decoding step's matmuls up
+# to 1.5x slower on x86 CPUs with MKL (docs/sampling.md: KV cache). tests/test_model.py's tests marked
+# MKL_PACKED_GEMM and the PackedLinears line of its compiled-decoding test go with it. Nothing
+# outside this block knows of the packed copies: they live in _packed, not on the model, are
+# remade when the weights change and freed when the model trains or is freed.
+
+MKL_PACKED_GEMM = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, '_mkl_linear')
+_packed = weakref.WeakKeyDictionary()  # model: {'key': which weights, 'copies': packed_copies' answer}
+
+
+class PackedLinears:
+    """Within `with PackedLinears(model, batch_size):` model's Linear layers multiply through
+    MKL's packed GEMM, as torch.compile's frozen CPU graphs do. Decoding multiplies a few rows by
+    each weight, and plain MKL GEMM then re-lays the weight out on every call; a copy laid out
+    once reads up to 1.5x faster (docs/sampling.md: KV cache). Packed for batch_size rows (the one-token
+    steps: every Linear and lm_head) and batch_size * block_size rows (the exact mode's window
+    re-runs: the blocks' Linears); see packed_copies for how long the copies live.
+    Off without MKL, off the CPU, unless float32, under CPU autocast, and after model.compile()."""
+
+    def __init__(self, model, batch_size):
+        self.copies, self.forwards = {}, {}  # layer: its packed weights; what runs instead of nn.Linear.forward
+        weight = model.lm_head.weight
+        if not (MKL_PACKED_GEMM and weight.device.type == 'cpu' and weight.dtype == torch.float32
+                and not torch.is_autocast_enabled('cpu')
+                and model._compiled_call_impl is None):  # model.compile(): compile cannot lower the op
+            _packed.get(model, {}).clear()  # e.g. moved to a GPU: free the CPU copies
+            return
+        rows = {m: (batch_size, batch_size * model.config.block_size)
+                for m in model.transformer.h.modules() if isinstance(m, nn.Linear)}
+        rows[model.lm_head] = (batch_size,)
+        self.copies = packed_copies(model, rows)
+        self.forwards = {m: functools.partial(packed_linear, m, packed) for m, packed in self.copies.items()}
+
+    def __enter__(self):
+        for layer, forward in self.forwards.items():
+            layer.__dict__['forward'] = forward  # shadows nn.Linear.forward (and faster than setattr)
+
+    def __exit__(self, *exc):
+        for layer in self.forwards:
+            del layer.__dict__['forward']
+
+
+def packed_copies(model, rows):
+    """rows {layer: (n, ...)} -> {layer: {n: layer's weight packed for n rows}}. The copies
+    (~180 MB at the seed config, ~0.1 s to make) are kept for the next decoding while the
+    weights stay the same tensors at the same version (an optimizer step or load_state_dict
+    bumps it), and freed at the model's next backward pass: its optimizer step will make them
+    stale, and a training run that decodes between steps (train.py) need not hold them."""
+    key = [(m.weight.data_ptr(), m.weight._version, r) for m, r in rows.items()]
+    state = _packed.get(model)
+    if state is None:  # the first packing of this model: free its copies whenever it trains
+        state = _packed[model] = {}
+        free = functools.partial(free_packed_copies, weakref.ref(model))
+        for m in rows:
+            if m.weight.requires_grad:
+                m.weight.register_post_accumulate_grad_hook(free)
+    if state.get('key') != key:
+        state.clear()  # free the old copies first
+        state['copies'] = {m: {r: torch.ops.mkl._mkl_reorder_linear_weight(m.weight.detach(), r) for r in rs}
+                           for m, rs in rows.items()}
+        state['key'] = key
+    return state['copies']
+
+
+def free_packed_copies(model_ref, weight):
+    """A weight's gradient has come in: free the model's packed copies (packed_copies)."""
+    model = model_ref()
+    if model in _packed:  # False for None: the model is gone, and its copies with it
+        _packed[model].clear()
+
+
+def packed_linear(layer, packed, x):
+    """layer(x), through the copy of layer's weight packed for as many rows as x has, if any."""
+    rows = x.numel() // x.size(-1)
+    if rows not in packed:
+        return F.linear(x, layer.weight, layer.bias)
+    return torch.ops.mkl._mkl_linear(x, packed[rows], layer.weight, layer.bias, rows)
