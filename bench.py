@@ -228,9 +228,22 @@ def bench_train(cfg, device, dtype):
     N = model.get_num_params(non_embedding=False) - model.transformer.wpe.weight.numel()
     best, median = min(per_iter), statistics.median(per_iter)
     mfu, mfu_median = (model.estimate_mfu(tokens, dt, peak['matmul_flops']) for dt in (best, median))
+    train = {'tokens_per_iter': tokens, 'seconds_per_iter': per_iter, 'tokens_per_s': tokens / best,
+             'tokens_per_s_median': tokens / median, 'flops_per_token': fpt,
+             'mfu': mfu, 'mfu_median': mfu_median,
+             'peak_memory_bytes': peak_mem, 'memory': mem_name, 'loss': loss}
+    print_train(train, cfg, peak, dtype, N)
+    return {'peak': peak, 'train': train}
+
+
+def print_train(train, cfg, peak, dtype, N):
+    """The train figures against the matmul limit; N: the model's parameters less the position table."""
+    B, T, accum = cfg['batch_size'], cfg['block_size'], cfg['gradient_accumulation_steps']
+    tokens, fpt, per_iter = train['tokens_per_iter'], train['flops_per_token'], train['seconds_per_iter']
+    best, median = min(per_iter), statistics.median(per_iter)
     limit = peak['matmul_flops'] / fpt  # tokens/s at 100% MFU
-    print(f"{tokens:,} tokens per step ({accum} x {B} x {T}), loss {loss:.3f}, {cfg['warmup']} warm-up steps, "
-          f"then {cfg['repeats']} repeats of {cfg['iters']} steps")
+    print(f"{tokens:,} tokens per step ({accum} x {B} x {T}), loss {train['loss']:.3f}, {cfg['warmup']} warm-up "
+          f"steps, then {cfg['repeats']} repeats of {cfg['iters']} steps")
     print(f"model FLOPs per token = 6*N + 12*n_layer*n_embd*block_size = 6*{N:,} + 12*{cfg['n_layer']}*"
           f"{cfg['n_embd']}*{T} = {fpt / 1e6:.1f} MFLOP (N = parameters less the position table)")
     print_table([
@@ -238,16 +251,11 @@ def bench_train(cfg, device, dtype):
         ['tokens/s', f"{tokens / best:,.0f}", f"{tokens / median:,.0f}", f"{limit:,.0f}",
          f"{tokens / best / limit:.0%}"],
         ['ms/iter', f"{1000 * best:.1f}", f"{1000 * median:.1f}", f"{1000 * tokens / limit:.1f}", ''],
-        ['MFU', f"{mfu:.1%}", f"{mfu_median:.1%}", '100%', ''],
-        [mem_name, f"{peak_mem / 1e9:.2f} GB", '', '', ''],
+        ['MFU', f"{train['mfu']:.1%}", f"{train['mfu_median']:.1%}", '100%', ''],
+        [train['memory'], f"{train['peak_memory_bytes'] / 1e9:.2f} GB", '', '', ''],
     ])
     print(f"limit = measured {dtype} matmul peak {fmt_rate(peak['matmul_flops'], 'FLOP/s')} "
           f"({peak['gemm_size']}x{peak['gemm_size']} GEMM) / FLOPs per token")
-    return {'peak': peak, 'train': {
-        'tokens_per_iter': tokens, 'seconds_per_iter': per_iter, 'tokens_per_s': tokens / best,
-        'tokens_per_s_median': tokens / median, 'flops_per_token': fpt,
-        'mfu': mfu, 'mfu_median': mfu_median,
-        'peak_memory_bytes': peak_mem, 'memory': mem_name, 'loss': loss}}
 
 
 # -----------------------------------------------------------------------------

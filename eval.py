@@ -273,10 +273,10 @@ def quote(text):
     return "\n".join("> " + line for line in text.strip('\n').split('\n'))
 
 
-def write_report(out_dir, ckpt_path='', data_path='', device='auto', dtype='auto', batch_size=16,
-                 num_samples=10, max_new_tokens=200, temperature=0.8, top_k=200, top_p=1.0, seed=1337):
-    """Summarize a run in out_dir/report.md: config, size, speed, losses, bits per byte,
-    loss curve, story quality and five stories. Returns the report's path."""
+def gather_report(out_dir, ckpt_path='', data_path='', device='auto', dtype='auto', batch_size=16,
+                  num_samples=10, max_new_tokens=200, temperature=0.8, top_k=200, top_p=1.0, seed=1337):
+    """What the report shows, as a plain dict: the run's log and config, the model's size, a
+    full pass over the validation data, story quality and the stories."""
     ckpt_path = ckpt_path or os.path.join(out_dir, 'best_model_params.pt')
     device = pick_device(device)
     dtype = pick_dtype(dtype, device)
@@ -290,63 +290,86 @@ def write_report(out_dir, ckpt_path='', data_path='', device='auto', dtype='auto
     quality, stories = evaluate_quality(model, num_samples=max(num_samples, 5),
                                         max_new_tokens=max_new_tokens, temperature=temperature,
                                         top_k=top_k, top_p=top_p, seed=seed, device=device, dtype=dtype)
-    ensure_loss_curve(out_dir)
+    return dict(
+        out_dir=out_dir, log=log, config=cfg, model_args=ck['model_args'],
+        ckpt_path=ckpt_path, iter_num=ck.get('iter_num', 'n/a'),
+        best_val_loss=min([r['val_loss'] for r in log] + [ck.get('best_val_loss', math.inf)]),
+        params=model.get_num_params(non_embedding=False), params_non_embedding=model.get_num_params(),
+        data_path=data_path, device=device, dtype=dtype, eval=ev, quality=quality, stories=stories,
+        sampling=dict(seed=seed, temperature=temperature, top_k=top_k, top_p=top_p,
+                      max_new_tokens=max_new_tokens))
 
+
+def summary_table(report):
+    """The report's first table: size, speed and the losses, from gather_report's dict."""
+    log, ev = report['log'], report['eval']
     last = log[-1]
-    best_val = min([r['val_loss'] for r in log] + [ck.get('best_val_loss', math.inf)])
     mfu = logged_median(log, 'mfu')  # a fraction in the log
-    n_all, n_body = model.get_num_params(non_embedding=False), model.get_num_params()
-    bpb = fmt(ev['bits_per_byte']) + (f" ({ev['text_bytes']:,} bytes of text)" if ev['text_bytes'] else
-                                      " (no meta.json with text_bytes beside the .bin)")
-    q = quality
-    sampling = (f"{q['samples']} from the prompts {', '.join(repr(p) for p in PROMPTS)} in turn; seed {seed}, "
-                f"temperature {temperature}, top_k {top_k}, top_p {top_p}, up to {max_new_tokens} new tokens")
-
-    summary = md_table([
+    n_all, n_body = report['params'], report['params_non_embedding']
+    return md_table([
         ('parameters', f"{n_all / 1e6:.2f}M ({n_body / 1e6:.2f}M non-embedding)"),
         ('iterations', last['iter']),
         ('tokens seen', f"{last['tokens']:,}"),
         ('wall time', f"{last['elapsed_s'] / 60:.1f} min" if last.get('elapsed_s') is not None else 'n/a'),
         ('tokens/s (median of logged intervals)', fmt(logged_median(log, 'tokens_per_s'), ',.0f')),
         ('MFU (median of logged intervals)', 'n/a' if mfu is None else f"{mfu:.1%}"),
-        ('best val loss (log estimate)', fmt(best_val)),
+        ('best val loss (log estimate)', fmt(report['best_val_loss'])),
         ('best train loss (log estimate)', fmt(min(r['train_loss'] for r in log))),
         ('final train / val loss (log estimate)', f"{fmt(last['train_loss'])} / {fmt(last['val_loss'])}"),
         ('val loss, full pass', fmt(ev['loss'])),
         ('val perplexity', fmt(ev['perplexity'], '.2f')),
         ('val bits per byte', fmt(ev['bits_per_byte'])),
     ])
+
+
+def render_report(report, written):
+    """report.md's Markdown from gather_report's dict; written: the time to stamp it with."""
+    log, ev, q, cfg = report['log'], report['eval'], report['quality'], report['config']
+    sampling, max_new = report['sampling'], report['sampling']['max_new_tokens']
     config_table = (md_table([(k, f"`{v!r}`") for k, v in sorted(cfg.items())]) if cfg else
                     "n/a: the checkpoint stores no training config")
-    model_table = md_table(list(ck['model_args'].items()) + [
-        ('parameters', f"{n_all:,}"), ('non-embedding parameters', f"{n_body:,}"),
-        ('checkpoint', f"`{ckpt_path}` (iter {ck.get('iter_num', 'n/a')})")])
+    model_table = md_table(list(report['model_args'].items()) + [
+        ('parameters', f"{report['params']:,}"), ('non-embedding parameters', f"{report['params_non_embedding']:,}"),
+        ('checkpoint', f"`{report['ckpt_path']}` (iter {report['iter_num']})")])
     log_table = "\n".join(
         ["| iter | tokens | train loss | val loss | lr | tokens/s | MFU |", "|---|---|---|---|---|---|---|"] +
         [f"| {r['iter']} | {r['tokens']:,} | {fmt(r['train_loss'])} | {fmt(r['val_loss'])} | {r['lr']:.2e} | "
          f"{fmt(r.get('tokens_per_s'), ',.0f')} | {fmt(r.get('mfu'), '.1%')} |" for r in log[-10:]])
+    bpb = fmt(ev['bits_per_byte']) + (f" ({ev['text_bytes']:,} bytes of text)" if ev['text_bytes'] else
+                                      " (no meta.json with text_bytes beside the .bin)")
     eval_table = md_table([
-        ('data', f"`{data_path}`"),
+        ('data', f"`{report['data_path']}`"),
         ('tokens scored', f"{ev['tokens']:,} (every token once)"),
         ('windows', f"{ev['windows']:,} of {ev['block_size']} tokens, stride {ev['stride']}"),
         ('loss per token', fmt(ev['loss'])),
         ('perplexity', fmt(ev['perplexity'], '.2f')),
         ('bits per byte', bpb),
-        ('time', f"{ev['seconds']:.1f} s on {device} ({dtype})"),
+        ('time', f"{ev['seconds']:.1f} s on {report['device']} ({report['dtype']})"),
     ])
+    drawn = (f"{q['samples']} from the prompts {', '.join(repr(p) for p in PROMPTS)} in turn; "
+             f"seed {sampling['seed']}, temperature {sampling['temperature']}, top_k {sampling['top_k']}, "
+             f"top_p {sampling['top_p']}, up to {max_new} new tokens")
     quality_table = md_table([
-        ('samples', sampling),
+        ('samples', drawn),
         ('distinct-1 / 2 / 3', f"{q['distinct_1']:.3f} / {q['distinct_2']:.3f} / {q['distinct_3']:.3f}"),
         ('repeated 4-grams within a story', f"{q['repeated_4grams']:.1%}"),
         ('ended with <\\|endoftext\\|>', f"{q['ended']:.0%}"),
         ('mean length', f"{q['mean_words']:.1f} words"),
     ])
     samples = "\n\n".join(
-        f"**Story {i + 1}** ({'ended' if s['ended'] else f'cut at {max_new_tokens} tokens'}):\n\n" +
-        quote(f"**{md_escape(s['prompt'])}**{md_escape(s['text'])}") for i, s in enumerate(stories[:5]))
-    text = f"""# SLM run report: `{out_dir}`
+        f"**Story {i + 1}** ({'ended' if story['ended'] else f'cut at {max_new} tokens'}):\n\n" +
+        quote(f"**{md_escape(story['prompt'])}**{md_escape(story['text'])}")
+        for i, story in enumerate(report['stories'][:5]))
+    return REPORT.format(
+        out_dir=report['out_dir'], written=written.strftime('%Y-%m-%d %H:%M UTC'), summary=summary_table(report),
+        config_table=config_table, model_table=model_table, shown=min(10, len(log)), evals=len(log),
+        log_table=log_table, eval_table=eval_table, quality_table=quality_table, samples=samples)
 
-Written {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by eval.py (`python eval.py --report --out_dir={out_dir}`).
+
+# report.md: gather_report's figures in the sections render_report fills in
+REPORT = """# SLM run report: `{out_dir}`
+
+Written {written} by eval.py (`python eval.py --report --out_dir={out_dir}`).
 "Log estimate" figures are train.py's, on random batches; "full pass" figures score every
 validation token once (see eval.py for the window policy).
 
@@ -364,7 +387,7 @@ validation token once (see eval.py for the window policy).
 
 ## Training
 
-Last {min(10, len(log))} of {len(log)} evaluations in `log.jsonl`:
+Last {shown} of {evals} evaluations in `log.jsonl`:
 
 {log_table}
 
@@ -384,6 +407,16 @@ Last {min(10, len(log))} of {len(log)} evaluations in `log.jsonl`:
 
 {samples}
 """
+
+
+def write_report(out_dir, ckpt_path='', data_path='', device='auto', dtype='auto', batch_size=16,
+                 num_samples=10, max_new_tokens=200, temperature=0.8, top_k=200, top_p=1.0, seed=1337):
+    """Summarize a run in out_dir/report.md: config, size, speed, losses, bits per byte,
+    loss curve, story quality and five stories. Returns the report's path."""
+    report = gather_report(out_dir, ckpt_path, data_path, device, dtype, batch_size, num_samples,
+                           max_new_tokens, temperature, top_k, top_p, seed)
+    ensure_loss_curve(out_dir)
+    text = render_report(report, datetime.now(timezone.utc))
     path = os.path.join(out_dir, 'report.md')
     atomic_write(path, lambda f: f.write(text), mode='w')
     return path

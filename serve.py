@@ -273,6 +273,30 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self.send_error_json(404, f"no route GET {self.path}: try /, /v1/models, /health or POST /v1/completions")
 
+    def relay_events(self, job, req, head):
+        """The job's events until it ends, each sent on as a server-sent chunk if the request
+        streams; returns each story's text and finish_reason. ConnectionAbortedError (an OSError)
+        if the client goes away."""
+        texts, finishes = [''] * req['n'], [None] * req['n']
+        while True:
+            try:
+                event = job.out.get(timeout=0.5)
+            except queues.Empty:  # waiting for a turn: is the client still there?
+                if client_gone(self.connection):
+                    raise ConnectionAbortedError
+                continue
+            if event is None:
+                return texts, finishes
+            index, text, finish = event
+            texts[index] += text
+            finishes[index] = finish or finishes[index]
+            if req['stream']:
+                choice = {'text': text, 'index': index, 'logprobs': None, 'finish_reason': finish}
+                self.wfile.write(f"data: {json.dumps({**head, 'choices': [choice]})}\n\n".encode())
+                self.wfile.flush()
+            elif client_gone(self.connection):
+                raise ConnectionAbortedError
+
     def do_POST(self):
         app = self.app
         if self.path != '/v1/completions':
@@ -301,26 +325,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header('Content-Type', 'text/event-stream')
             self.send_header('Cache-Control', 'no-cache')
             self.end_headers()
-        texts, finishes = [''] * req['n'], [None] * req['n']
         try:
-            while True:
-                try:
-                    event = job.out.get(timeout=0.5)
-                except queues.Empty:  # waiting for a turn: is the client still there?
-                    if client_gone(self.connection):
-                        raise ConnectionAbortedError
-                    continue
-                if event is None:
-                    break
-                index, text, finish = event
-                texts[index] += text
-                finishes[index] = finish or finishes[index]
-                if req['stream']:
-                    choice = {'text': text, 'index': index, 'logprobs': None, 'finish_reason': finish}
-                    self.wfile.write(f"data: {json.dumps({**head, 'choices': [choice]})}\n\n".encode())
-                    self.wfile.flush()
-                elif client_gone(self.connection):
-                    raise ConnectionAbortedError
+            texts, finishes = self.relay_events(job, req, head)
             if req['stream']:
                 if job.error:
                     self.wfile.write(f"data: {json.dumps(error_body(500, job.error))}\n\n".encode())
