@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 from dataclasses import fields
+from functools import partial
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -235,7 +237,7 @@ def format_eta(seconds):
 
 def setup(cfg):
     """Processes, device, precision and seeds. Under torchrun (RANK and WORLD_SIZE set) there is
-    one process per device; else just this one. Returns a dict of the run's fixed facts."""
+    one process per device; else just this one. Returns the run's facts (main() adds model, optimizer, data)."""
     ddp = int(os.environ.get('RANK', -1)) != -1
     rank, local_rank, world_size = 0, 0, 1
     device = pick_device(cfg['device'])
@@ -256,14 +258,15 @@ def setup(cfg):
     if device_type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return dict(t0=time.time(), budget_fixed=False,  # --max_minutes counts from here; max_iters not yet fitted
-                wandb=None, wandb_id=None,  # the W&B run (rank 0, --wandb_log) and its id, kept in ckpt.pt
-                started_from=None,  # a fine-tune's source (--init_from), kept in its checkpoints
-                ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size, master=rank == 0,
-                device=device, device_type=device_type, dtype=dtype, ctx=autocast(device, dtype),
-                accum=accum // world_size,  # each process does its share of the micro-batches
-                tokens_per_iter=accum * cfg['batch_size'] * cfg['block_size'],
-                data_gen=torch.Generator().manual_seed(cfg['seed'] + rank))  # training windows, per rank
+    return SimpleNamespace(t0=time.time(), budget_fixed=False,  # --max_minutes counts from t0; max_iters not fitted yet
+                           stop_signal=0,  # the Ctrl-C / SIGTERM received (request_stop), 0: none
+                           wandb=None, wandb_id=None,  # the W&B run (rank 0, --wandb_log) and its id, kept in ckpt.pt
+                           started_from=None,  # a fine-tune's source (--init_from), kept in its checkpoints
+                           ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size, master=rank == 0,
+                           device=device, device_type=device_type, dtype=dtype, ctx=autocast(device, dtype),
+                           accum=accum // world_size,  # each process does its share of the micro-batches
+                           tokens_per_iter=accum * cfg['batch_size'] * cfg['block_size'],
+                           data_gen=torch.Generator().manual_seed(cfg['seed'] + rank))  # training windows, per rank
 
 
 def read_resume_checkpoint(cfg, run, log):
@@ -277,22 +280,13 @@ def read_resume_checkpoint(cfg, run, log):
     if changed:
         log(f"resume: model shape from the checkpoint, ignoring {', '.join(f'{k}={cfg[k]}' for k in changed)}")
     cfg.update({k: ckpt['model_args'][k] for k in MODEL_KEYS})
-    run['wandb_id'] = ckpt.get('wandb_run_id')  # continue that W&B run, so the curves join
-    run['started_from'] = ckpt.get('started_from')  # a fine-tune's source
+    run.wandb_id = ckpt.get('wandb_run_id')  # continue that W&B run, so the curves join
+    run.started_from = ckpt.get('started_from')  # a fine-tune's source
     if cfg['max_minutes'] and ckpt.get('budget_fixed'):
         cfg.update({k: ckpt['config'][k] for k in ('max_iters', 'warmup_iters')})
-        run['budget_fixed'] = True
+        run.budget_fixed = True
         log(f"resume: max_iters={cfg['max_iters']}, as --max_minutes fitted it in the first run")
     return ckpt
-
-
-def read_start_checkpoint(cfg, given, run, log):
-    """What the run starts from: nothing (scratch), out_dir/ckpt.pt (resume), or a fine-tune's source."""
-    if cfg['init_from'] == 'scratch':
-        return None
-    if cfg['init_from'] == 'resume':
-        return read_resume_checkpoint(cfg, run, log)
-    return read_source_checkpoint(cfg, given, run, log)
 
 
 def read_source_checkpoint(cfg, given, run, log):
@@ -315,7 +309,7 @@ def read_source_checkpoint(cfg, given, run, log):
     state = clean_state_dict(ckpt['model'])
     if 'transformer.wpe.weight' in state:
         state['transformer.wpe.weight'] = state['transformer.wpe.weight'][:cfg['block_size']]
-    run['started_from'] = source
+    run.started_from = source
     log(f"fine-tuning from {source}: {cfg['n_layer']} layers, {cfg['n_head']} heads, {cfg['n_embd']} wide, "
         f"block_size {cfg['block_size']} (of {theirs['block_size']}), dropout {cfg['dropout']}")
     return {'model': state, 'model_args': {**{k: cfg[k] for k in MODEL_KEYS}, 'vocab_size': theirs['vocab_size']}}
@@ -346,44 +340,56 @@ def open_data(cfg, vocab_size):
     return splits
 
 
-def restore_state(ckpt, optimizer, scaler, run, log):
-    """Optimizer, scaler and every random stream from the checkpoint, so the run continues
-    exactly. Nothing may draw from the restored streams before training does (see
-    device.matmul_flops). Returns (start iter, best val loss)."""
-    optimizer.load_state_dict(ckpt['optimizer'])
+def build_model(cfg, run, ckpt, log):
+    """run.model, run.optimizer (AdamW), run.scaler (fp16's): fresh, or as the checkpoint left them, and on
+    resume every random stream, so the run continues exactly: nothing may draw from the restored streams
+    before training does (see device.matmul_flops). Returns (start iter, best val loss)."""
+    run.model = GPT(GPTConfig(**run.model_args), verbose=run.master)
+    if ckpt is not None:
+        source = os.path.join(cfg['out_dir'], 'ckpt.pt') if cfg['init_from'] == 'resume' else cfg['init_from']
+        load_weights(run.model, ckpt['model'], source)  # also takes _orig_mod./module. keys
+    run.model.to(run.device)
+    run.optimizer = run.model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'],
+                                                   (cfg['beta1'], cfg['beta2']), run.device_type)
+    run.scaler = torch.amp.GradScaler(run.device_type, enabled=(run.dtype == 'float16'))
+    if cfg['init_from'] != 'resume':  # a fine-tune starts a new run: step 0, fresh AdamW state
+        return 0, float('inf')
+    run.optimizer.load_state_dict(ckpt['optimizer'])
     if ckpt.get('scaler'):
-        scaler.load_state_dict(ckpt['scaler'])
-    rng, rank = ckpt['rng'], run['rank']
-    if len(rng) == run['world_size']:  # same process count: each rank continues its own streams
+        run.scaler.load_state_dict(ckpt['scaler'])
+    rng, rank = ckpt['rng'], run.rank
+    if len(rng) == run.world_size:  # same process count: each rank continues its own streams
         torch.set_rng_state(rng[rank]['torch'])
-        run['data_gen'].set_state(rng[rank]['data'])
-        if run['device_type'] == 'cuda' and rng[rank]['cuda'] is not None:
+        run.data_gen.set_state(rng[rank]['data'])
+        if run.device_type == 'cuda' and rng[rank]['cuda'] is not None:
             torch.cuda.set_rng_state(rng[rank]['cuda'])
     else:
-        log(f"resume: checkpoint from {len(rng)} processes, now {run['world_size']}: random streams restart from seed")
-    return ckpt['iter_num'], ckpt['best_val_loss']
+        log(f"resume: checkpoint from {len(rng)} processes, now {run.world_size}: random streams restart from seed")
+    start_iter, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
+    log(f"resuming from {cfg['out_dir']}/ckpt.pt at iter {start_iter} (best val loss {best_val_loss:.4f})")
+    return start_iter, best_val_loss
 
 
 def log_row(cfg, run, row):
     """One row, an evaluation's or a step's, to out_dir/log.jsonl and to W&B."""
     append_log(cfg['out_dir'], row)
-    if run['wandb']:
-        run['wandb'].log(wandb_row(row), step=row['iter'])
+    if run.wandb:
+        run.wandb.log(wandb_row(row), step=row['iter'])
 
 
 def start_wandb(cfg, run):
     """--wandb_log (rank 0): a W&B run with the resolved config, or on resume the checkpoint's
     W&B run continued (its config updated: init_from and anything passed anew)."""
     import wandb
-    resume = run['wandb_id'] is not None
+    resume = run.wandb_id is not None
     try:
-        run['wandb'] = wandb.init(project=cfg['wandb_project'], name=cfg['wandb_run_name'] or None, config=cfg,
-                                  dir=cfg['out_dir'], id=run['wandb_id'], resume='allow' if resume else None,
-                                  allow_val_change=resume)
+        run.wandb = wandb.init(project=cfg['wandb_project'], name=cfg['wandb_run_name'] or None, config=cfg,
+                               dir=cfg['out_dir'], id=run.wandb_id, resume='allow' if resume else None,
+                               allow_val_change=resume)
     except Exception as e:  # no API key without a terminal to ask for one, no network, ...
         die(f"W&B could not start a run ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): "
             f"run `wandb login` (or set WANDB_API_KEY), or WANDB_MODE=offline to log locally")
-    run['wandb_id'] = run['wandb'].id
+    run.wandb_id = run.wandb.id
 
 
 def wandb_row(row):
@@ -398,54 +404,65 @@ def wandb_row(row):
 
 def rng_states(run):
     """Every rank's random streams (dropout, data windows), so resume repeats them exactly."""
-    mine = {'torch': torch.get_rng_state(), 'data': run['data_gen'].get_state(),
-            'cuda': torch.cuda.get_rng_state() if run['device_type'] == 'cuda' else None}
-    if not run['ddp']:
+    mine = {'torch': torch.get_rng_state(), 'data': run.data_gen.get_state(),
+            'cuda': torch.cuda.get_rng_state() if run.device_type == 'cuda' else None}
+    if not run.ddp:
         return [mine]
-    states = [None] * run['world_size']
+    states = [None] * run.world_size
     dist.all_gather_object(states, mine)
     return states
 
 
-def save_checkpoint(cfg, run, model, model_args, it, best_val_loss, optimizer=None, scaler=None, rng=None):
-    """best_model_params.pt (weights only) without optimizer; ckpt.pt, all a resume needs, with it.
+def save_checkpoint(cfg, run, it, best_val_loss, rng=None):
+    """best_model_params.pt (weights only) without rng; ckpt.pt, all a resume needs, with rng
+    (every rank's random streams, from rng_states).
     budget_fixed: config's max_iters was fitted by --max_minutes (a resume keeps it);
     wandb_run_id: the W&B run that a resume continues (None without --wandb_log);
     started_from: a fine-tune's source, the --init_from it began with (None from scratch)."""
-    state = {'model': model.state_dict(), 'model_args': model_args, 'config': cfg, 'iter_num': it,
-             'best_val_loss': best_val_loss, 'budget_fixed': run['budget_fixed'], 'wandb_run_id': run['wandb_id'],
-             'started_from': run['started_from']}
-    if optimizer is None:
+    state = {'model': run.model.state_dict(), 'model_args': run.model_args, 'config': cfg, 'iter_num': it,
+             'best_val_loss': best_val_loss, 'budget_fixed': run.budget_fixed, 'wandb_run_id': run.wandb_id,
+             'started_from': run.started_from}
+    if rng is None:
         torch_save(state, os.path.join(cfg['out_dir'], 'best_model_params.pt'))
         return
-    state.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=rng)
+    state.update(optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(), rng=rng)
     torch_save(state, os.path.join(cfg['out_dir'], 'ckpt.pt'))
 
 
-# Ctrl-C / SIGTERM: finish the current step, save ckpt.pt, exit. A second one quits at once.
-_stop_signal = 0
-
-
-def request_stop(signum, frame):
-    global _stop_signal
-    if _stop_signal:
+def request_stop(run, signum, frame):
+    """Ctrl-C / SIGTERM: finish the current step, then stop_and_save. A second one quits at once."""
+    if run.stop_signal:
         raise KeyboardInterrupt  # the second signal: quit now, without saving
-    _stop_signal = signum
-    if int(os.environ.get('RANK', 0)) == 0:
+    run.stop_signal = signum
+    if run.master:
         print(f"\n{signal.Signals(signum).name}: stopping after this step to save a checkpoint "
               f"(press Ctrl-C again to quit without saving)", flush=True)
 
 
-def evaluate(cfg, run, model, model_args, eval_model, optimizer, scaler, splits, it, best_val_loss, row):
+def stop_and_save(cfg, run, it, best_val_loss):
+    """After a Ctrl-C / SIGTERM on any rank: ckpt.pt as of this step, W&B finished, exit 130 / 143."""
+    rng = rng_states(run)  # every rank takes part in gathering them
+    if run.master:
+        save_checkpoint(cfg, run, it, best_val_loss, rng)
+        print(f"interrupted at iter {it}: saved {cfg['out_dir']}/ckpt.pt; continue with --init_from=resume", flush=True)
+    code = 128 + (run.stop_signal or signal.SIGTERM)  # 130 after Ctrl-C, 143 after SIGTERM (or another rank's)
+    if run.wandb:
+        run.wandb.finish(exit_code=code)
+    if run.ddp:
+        dist.destroy_process_group()
+    sys.exit(code)
+
+
+def evaluate(cfg, run, it, best_val_loss, row):
     """Every eval_interval steps (rank 0 evaluates): losses to stdout and log.jsonl, the best
     weights to best_model_params.pt, and ckpt.pt (iter 0 included: a cheap resume point, and
     --max_minutes times an evaluation with its checkpoint there). row: the log row's timing
     figures. Returns (the best val loss so far, seconds the loss estimate took)."""
     rng = rng_states(run)  # every rank takes part in gathering them
-    if not run['master']:
+    if not run.master:
         return best_val_loss, 0.0
     t0 = time.time()
-    losses = estimate_loss(eval_model, splits, cfg, run['ctx'], run['device'])
+    losses = estimate_loss(run.eval_model, run.splits, cfg, run.ctx, run.device)
     loss_s = time.time() - t0
     if not (math.isfinite(losses['train']) and math.isfinite(losses['val'])):
         die(f"eval loss is {losses} at iter {it}: training diverged; the checkpoints in "
@@ -453,144 +470,135 @@ def evaluate(cfg, run, model, model_args, eval_model, optimizer, scaler, splits,
     print(f"eval iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
     if cfg['eval_only']:
         return best_val_loss, loss_s
-    row = {'iter': it, 'tokens': it * run['tokens_per_iter'], 'train_loss': losses['train'],
+    row = {'iter': it, 'tokens': it * run.tokens_per_iter, 'train_loss': losses['train'],
            'val_loss': losses['val'], 'lr': get_lr(it, cfg), **row}
     log_row(cfg, run, row)
     improved = losses['val'] < best_val_loss
     best_val_loss = min(best_val_loss, losses['val'])
     if it > 0 and improved:
-        save_checkpoint(cfg, run, model, model_args, it, best_val_loss)
+        save_checkpoint(cfg, run, it, best_val_loss)
     if improved or cfg['always_save_checkpoint'] or it == cfg['max_iters']:
-        save_checkpoint(cfg, run, model, model_args, it, best_val_loss, optimizer, scaler, rng)
+        save_checkpoint(cfg, run, it, best_val_loss, rng)
         print(f"saved {cfg['out_dir']}/ckpt.pt" + (" and best_model_params.pt" if it > 0 and improved else ""))
     return best_val_loss, loss_s
 
 
-def decode_seconds(model, run):
+def step_result(cfg, run, loss, it):
+    """The step's loss as a float and whether to stop (a signal on any rank); a non-finite loss ends the run."""
+    if run.ddp:  # average the loss over ranks and agree on stopping, in one small all-reduce
+        flags = torch.stack([loss.float(), torch.tensor(float(run.stop_signal), device=loss.device)])
+        dist.all_reduce(flags)
+        loss, stop = flags[0] / run.world_size, flags[1].item() > 0
+    else:
+        stop = run.stop_signal > 0
+    lossf = loss.item()
+    if not math.isfinite(lossf):
+        die(f"loss is {lossf} at iter {it}: training diverged. The last good checkpoint in "
+            f"{cfg['out_dir']} stays; resume from it with a lower --learning_rate or --grad_clip")
+    return lossf, stop
+
+
+def decode_seconds(run):
     """Seconds per token of batch-1 decoding with the KV cache, as the report's stories run,
     from 16 timed tokens; drawn outside the run's random streams so they stay as they were."""
-    with torch.random.fork_rng(), run['ctx']:
-        model.eval()
-        idx = torch.zeros((1, 1), dtype=torch.long, device=run['device'])
-        generate(model, idx, 2)  # first-call allocations
+    with torch.random.fork_rng(), run.ctx:
+        run.model.eval()
+        idx = torch.zeros((1, 1), dtype=torch.long, device=run.device)
+        generate(run.model, idx, 2)  # first-call allocations
         t0 = time.time()
-        generate(model, idx, 16)
+        generate(run.model, idx, 16)
         seconds = (time.time() - t0) / 16
-        model.train()
+        run.model.train()
     return seconds
 
 
-def fit_to_budget(cfg, run, model, it, step_s, eval_s, loss_s, val_tokens):
-    """--max_minutes: the max_iters at which the steps left, their evaluations + checkpoints and
-    the report card end max_minutes after train.py started, from costs timed in this run: a step
-    (the calibration steps), an evaluation with its checkpoint (iter 0's), the report's full pass
-    (val.bin at the evaluation's tokens/s) and its stories (a timed decoding step). Rank 0
-    decides; every rank gets the same max_iters."""
+def fit_to_budget(cfg, run, it, step_times, eval_costs):
+    """--max_minutes, after CALIBRATION_STEPS steps: the max_iters at which the steps left, their evaluations
+    + checkpoints and the report card end max_minutes after train.py started, from costs timed in this run:
+    a step (step_times), an evaluation with its checkpoint (eval_costs: iter 0's seconds, all and the loss
+    estimate's), the report's full pass (val.bin at the evaluation's tokens/s) and its stories (a timed
+    decoding step). Rank 0 decides; every rank gets the same max_iters, and the warmup is cut to fit."""
+    step_s = statistics.median(step_times[1:])  # not the first (allocations); one slowed by a neighbour does not count
     max_iters = cfg['max_iters']
-    if run['master']:
+    if run.master:
         eval_tokens = 2 * cfg['eval_iters'] * cfg['batch_size'] * cfg['block_size']
-        if eval_s is None:  # resumed before the budget was fitted: no iter-0 evaluation in this process
-            loss_s = eval_s = step_s * eval_tokens / (run['tokens_per_iter'] / run['world_size'])
+        if eval_costs is None:  # resumed before the budget was fitted: no iter-0 evaluation in this process
+            eval_costs = (step_s * eval_tokens / (run.tokens_per_iter / run.world_size),) * 2
+        eval_s, loss_s = eval_costs
         report_s = 0.0
         if cfg['report']:
             # eval.py --report: ~3 s to start (Python, torch, the checkpoint), a full pass over val.bin,
             # then 10 stories of up to 200 tokens (its defaults)
-            report_s = 3.0 + val_tokens * loss_s / eval_tokens + 10 * 200 * decode_seconds(model, run)
-        left = cfg['max_minutes'] * 60 - (time.time() - run['t0'])
+            report_s = 3.0 + len(run.splits['val']) * loss_s / eval_tokens + 10 * 200 * decode_seconds(run)
+        left = cfg['max_minutes'] * 60 - (time.time() - run.t0)
         steps = (left - report_s - eval_s) / (step_s + eval_s / cfg['eval_interval'])
         max_iters = it + max(1, int(steps))
         print(f"--max_minutes={cfg['max_minutes']:g}: max_iters={max_iters} ({step_s * 1000:.0f} ms per step, "
               f"{eval_s:.1f} s per evaluation + checkpoint every {cfg['eval_interval']} steps, "
               f"~{report_s:.0f} s for the report; {left / 60:.1f} of {cfg['max_minutes']:g} min left)", flush=True)
-    if run['ddp']:
+    if run.ddp:
         box = [max_iters]
         dist.broadcast_object_list(box, src=0)
         max_iters = box[0]
-    return max_iters
+    cfg['max_iters'], run.budget_fixed = max_iters, True
+    warning = cut_warmup(cfg)
+    if warning and run.master:
+        print(warning)
+    if run.wandb:
+        run.wandb.config.update({k: cfg[k] for k in ('max_iters', 'warmup_iters')}, allow_val_change=True)
 
 
-def train_loop(cfg, run, model, model_args, train_model, eval_model, optimizer, scaler, splits,
-               start_iter, best_val_loss, peak, elapsed_before):
-    """Evaluate + checkpoint every eval_interval steps, one optimizer step per pass; a progress
-    line every log_interval steps and a log row every step. With --max_minutes, max_iters is
-    fitted after the first CALIBRATION_STEPS steps. Returns (last iter, best val loss)."""
-    it, tokens_per_iter, world_size = start_iter, run['tokens_per_iter'], run['world_size']
+def train_loop(cfg, run, it, best_val_loss, elapsed_before):
+    """From iter it: evaluate + checkpoint every eval_interval steps, then one optimizer step; a log row
+    every step and a progress line every log_interval steps. --max_minutes fits max_iters after the first
+    CALIBRATION_STEPS steps. elapsed_before: a resumed run's seconds so far. Returns (last iter, best val loss)."""
+    start_iter, tokens_per_iter = it, run.tokens_per_iter
     t_start = t_window = time.time()
-    iters_window, train_time, ema_dt = 0, 0.0, None
-    calibration_dts, eval_s, loss_s = [], None, None  # for --max_minutes
+    iters_window, train_time, ema_dt = 0, 0.0, None  # steps and seconds since the last eval; smoothed step
+    step_times, eval_costs = [], None  # for --max_minutes
     while True:
-        calibrating = cfg['max_minutes'] > 0 and not run['budget_fixed']
+        calibrating = cfg['max_minutes'] > 0 and not run.budget_fixed  # (max_iters is not the end yet)
         at_resume_point = cfg['init_from'] == 'resume' and it == start_iter  # evaluated before saving
-        at_end = it == cfg['max_iters'] and not calibrating  # (while calibrating, max_iters is not the end)
+        at_end = it == cfg['max_iters'] and not calibrating
         if cfg['eval_only'] or ((it % cfg['eval_interval'] == 0 or at_end) and not at_resume_point):
-            mfu = (model.estimate_mfu(tokens_per_iter / world_size, train_time / iters_window, peak)
-                   if iters_window and run['master'] else 0.0)  # rank 0 measured the peak, and logs
+            mfu = (run.model.estimate_mfu(tokens_per_iter / run.world_size, train_time / iters_window, run.peak)
+                   if iters_window and run.master else 0.0)  # rank 0 measured the peak, and logs
             timing = {'tokens_per_s': round(iters_window * tokens_per_iter / train_time if train_time else 0.0, 1),
                       'mfu': round(mfu, 4), 'elapsed_s': round(elapsed_before + time.time() - t_start, 1)}
             t_eval = time.time()
-            best_val_loss, eval_loss_s = evaluate(cfg, run, model, model_args, eval_model, optimizer, scaler,
-                                                  splits, it, best_val_loss, timing)
+            best_val_loss, loss_s = evaluate(cfg, run, it, best_val_loss, timing)
             if cfg['eval_only']:
                 return it, best_val_loss
-            if eval_s is None:  # the first evaluation of this process: what --max_minutes budgets per eval
-                eval_s, loss_s = time.time() - t_eval, eval_loss_s
-            iters_window, train_time = 0, 0.0
-            t_window = time.time()
+            eval_costs = eval_costs or (time.time() - t_eval, loss_s)  # the first: what --max_minutes budgets
+            iters_window, train_time, t_window = 0, 0.0, time.time()
         if it >= cfg['max_iters'] and not calibrating:
             return it, best_val_loss
 
         lr = get_lr(it, cfg)
-        batches = [get_batch(splits['train'], cfg['batch_size'], cfg['block_size'], run['data_gen'], run['device'])
-                   for _ in range(run['accum'])]
-        loss = train_step(train_model, optimizer, scaler, batches, lr, cfg['grad_clip'], run['ctx'])
+        batches = [get_batch(run.splits['train'], cfg['batch_size'], cfg['block_size'], run.data_gen, run.device)
+                   for _ in range(run.accum)]
+        loss = train_step(run.train_model, run.optimizer, run.scaler, batches, lr, cfg['grad_clip'], run.ctx)
         it += 1
-        if run['ddp']:  # average the loss over ranks and agree on stopping, in one small all-reduce
-            flags = torch.stack([loss.float(), torch.tensor(float(_stop_signal), device=loss.device)])
-            dist.all_reduce(flags)
-            loss, stop = flags[0] / world_size, flags[1].item() > 0
-        else:
-            stop = _stop_signal > 0
-        lossf = loss.item()
-        if not math.isfinite(lossf):
-            die(f"loss is {lossf} at iter {it}: training diverged. The last good checkpoint in "
-                f"{cfg['out_dir']} stays; resume from it with a lower --learning_rate or --grad_clip")
+        lossf, stop = step_result(cfg, run, loss, it)
 
         now = time.time()
-        iters_window += 1
-        train_time += now - t_window
         dt, t_window = now - t_window, now
+        iters_window, train_time = iters_window + 1, train_time + dt
         ema_dt = dt if ema_dt is None else 0.9 * ema_dt + 0.1 * dt
         if calibrating:
-            calibration_dts.append(dt)
-            if len(calibration_dts) == CALIBRATION_STEPS:  # the first step (allocations) is not counted
-                step_s = statistics.median(calibration_dts[1:])  # one step slowed by a neighbour does not count
-                cfg['max_iters'] = fit_to_budget(cfg, run, model, it, step_s, eval_s, loss_s, len(splits['val']))
-                run['budget_fixed'] = True
-                warning = cut_warmup(cfg)
-                if warning and run['master']:
-                    print(warning)
-                if run['wandb']:
-                    run['wandb'].config.update({k: cfg[k] for k in ('max_iters', 'warmup_iters')}, allow_val_change=True)
+            step_times.append(dt)
+            if len(step_times) == CALIBRATION_STEPS:
+                fit_to_budget(cfg, run, it, step_times, eval_costs)
                 t_window = time.time()  # the fitting is not a training step
-        if run['master']:  # the loss and LR of every step, for the loss curve
+        if run.master:  # the loss and LR of every step, for the loss curve; a progress line
             log_row(cfg, run, {'iter': it, 'tokens': it * tokens_per_iter, 'loss': round(lossf, 4), 'lr': lr})
-        if it % cfg['log_interval'] == 0 and run['master']:
-            mfu = model.estimate_mfu(tokens_per_iter / world_size, ema_dt, peak)
-            print(f"iter {it}/{cfg['max_iters']} | loss {lossf:.4f} | lr {lr:.2e} | {ema_dt * 1000:.0f} ms/iter | "
-                  f"{tokens_per_iter / ema_dt:,.0f} tok/s | mfu {mfu * 100:.1f}% | "
-                  f"eta {format_eta((cfg['max_iters'] - it) * ema_dt)}", flush=True)
+            if it % cfg['log_interval'] == 0:
+                mfu = run.model.estimate_mfu(tokens_per_iter / run.world_size, ema_dt, run.peak)
+                print(f"iter {it}/{cfg['max_iters']} | loss {lossf:.4f} | lr {lr:.2e} | {ema_dt * 1000:.0f} ms/iter | "
+                      f"{tokens_per_iter / ema_dt:,.0f} tok/s | mfu {mfu * 100:.1f}% | "
+                      f"eta {format_eta((cfg['max_iters'] - it) * ema_dt)}", flush=True)
         if stop:
-            rng = rng_states(run)
-            if run['master']:
-                save_checkpoint(cfg, run, model, model_args, it, best_val_loss, optimizer, scaler, rng)
-                print(f"interrupted at iter {it}: saved {cfg['out_dir']}/ckpt.pt; "
-                      f"continue with --init_from=resume", flush=True)
-            code = 128 + (_stop_signal or signal.SIGTERM)  # 130 after Ctrl-C, 143 after SIGTERM
-            if run['wandb']:
-                run['wandb'].finish(exit_code=code)
-            if run['ddp']:
-                dist.destroy_process_group()
-            sys.exit(code)
+            stop_and_save(cfg, run, it, best_val_loss)
 
 
 def write_report(cfg, device, dtype):
@@ -609,62 +617,52 @@ def main(argv=None):
     cfg = parse_config(config_defaults(globals()), argv, script=__file__, given=given)
     warnings = check_config(cfg)
 
-    # setup: processes, device, precision, seeds
-    run = setup(cfg)
-    master, device, dtype = run['master'], run['device'], run['dtype']
-    log = print if master else (lambda *a, **k: None)
+    run = setup(cfg)  # processes, device, precision, seeds
+    log = print if run.master else (lambda *a, **k: None)
     for line in warnings:
         log(line)
 
     # data and model shape: from the config, or from the checkpoint on resume or a fine-tune
-    ckpt = read_start_checkpoint(cfg, given, run, log)
-    model_args = {k: cfg[k] for k in MODEL_KEYS}
-    model_args['vocab_size'] = vocab_size_of(cfg, ckpt)
-    splits = open_data(cfg, model_args['vocab_size'])
+    ckpt = None  # from scratch
+    if cfg['init_from'] == 'resume':
+        ckpt = read_resume_checkpoint(cfg, run, log)
+    elif cfg['init_from'] != 'scratch':
+        ckpt = read_source_checkpoint(cfg, given, run, log)
+    run.model_args = {**{k: cfg[k] for k in MODEL_KEYS}, 'vocab_size': vocab_size_of(cfg, ckpt)}
+    run.splits = open_data(cfg, run.model_args['vocab_size'])
     log("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in sorted(cfg.items())))
 
     # model and optimizer, fresh or as the checkpoint left them
-    model = GPT(GPTConfig(**model_args), verbose=master)
-    if ckpt is not None:
-        source = os.path.join(cfg['out_dir'], 'ckpt.pt') if cfg['init_from'] == 'resume' else cfg['init_from']
-        load_weights(model, ckpt['model'], source)  # also takes _orig_mod./module. keys
-    model.to(device)
-    optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'],
-                                           (cfg['beta1'], cfg['beta2']), run['device_type'])
-    scaler = torch.amp.GradScaler(run['device_type'], enabled=(dtype == 'float16'))
-    start_iter, best_val_loss = 0, float('inf')
-    if cfg['init_from'] == 'resume':  # a fine-tune starts a new run: step 0, fresh AdamW state
-        start_iter, best_val_loss = restore_state(ckpt, optimizer, scaler, run, log)
-        log(f"resuming from {cfg['out_dir']}/ckpt.pt at iter {start_iter} (best val loss {best_val_loss:.4f})")
+    start_iter, best_val_loss = build_model(cfg, run, ckpt, log)
     ckpt = None  # free the loaded tensors
-    train_model = torch.compile(model) if cfg['compile'] else model
-    eval_model = train_model  # evaluated on rank 0 only: never through the DDP wrapper
-    if run['ddp']:
-        train_model = DDP(train_model, device_ids=[run['local_rank']] if run['device_type'] == 'cuda' else None)
-    peak = cfg['peak_flops']
-    if master and peak <= 0:
-        peak = max(matmul_flops(device, dtype)[1])
-        log(f"MFU is relative to {peak / 1e12:.3f} TFLOP/s, a {dtype} matmul measured now "
+    run.eval_model = torch.compile(run.model) if cfg['compile'] else run.model  # rank 0 evaluates: never through DDP
+    run.train_model = run.eval_model
+    if run.ddp:
+        run.train_model = DDP(run.eval_model, device_ids=[run.local_rank] if run.device_type == 'cuda' else None)
+    run.peak = cfg['peak_flops']  # the FLOP/s that MFU is relative to
+    if run.master and run.peak <= 0:
+        run.peak = max(matmul_flops(run.device, run.dtype)[1])
+        log(f"MFU is relative to {run.peak / 1e12:.3f} TFLOP/s, a {run.dtype} matmul measured now "
             f"(set --peak_flops to use a datasheet figure)")
-    log(f"{run['tokens_per_iter']:,} tokens per step ({run['world_size']} process(es) x {run['accum']} micro-batches x "
-        f"{cfg['batch_size']} x {cfg['block_size']}), {dtype} on {device}")
+    log(f"{run.tokens_per_iter:,} tokens per step ({run.world_size} process(es) x {run.accum} micro-batches x "
+        f"{cfg['batch_size']} x {cfg['block_size']}), {run.dtype} on {run.device}")
 
     # the loop, then the end
-    elapsed_before = start_log(cfg['out_dir'], start_iter, cfg['init_from']) if master and not cfg['eval_only'] else 0.0
-    if master and cfg['wandb_log'] and not cfg['eval_only']:
+    training = run.master and not cfg['eval_only']
+    elapsed_before = start_log(cfg['out_dir'], start_iter, cfg['init_from']) if training else 0.0
+    if training and cfg['wandb_log']:
         start_wandb(cfg, run)
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-    it, best_val_loss = train_loop(cfg, run, model, model_args, train_model, eval_model, optimizer, scaler,
-                                   splits, start_iter, best_val_loss, peak, elapsed_before)
-    if master and not cfg['eval_only']:
-        print(f"done: {it} iters, best val loss {best_val_loss:.4f}, peak memory {peak_memory(device) / 1e9:.2f} GB"
-              f"{' (GPU)' if run['device_type'] == 'cuda' else ' (RSS)'}; wrote {plot_log(cfg['out_dir'])}")
+    signal.signal(signal.SIGINT, partial(request_stop, run))
+    signal.signal(signal.SIGTERM, partial(request_stop, run))
+    it, best_val_loss = train_loop(cfg, run, start_iter, best_val_loss, elapsed_before)
+    if training:
+        print(f"done: {it} iters, best val loss {best_val_loss:.4f}, peak memory {peak_memory(run.device) / 1e9:.2f} GB"
+              f"{' (GPU)' if run.device_type == 'cuda' else ' (RSS)'}; wrote {plot_log(cfg['out_dir'])}")
         if cfg['report']:
-            write_report(cfg, device, dtype)
-        if run['wandb']:
-            run['wandb'].finish()
-    if run['ddp']:
+            write_report(cfg, run.device, run.dtype)
+        if run.wandb:
+            run.wandb.finish()
+    if run.ddp:
         dist.destroy_process_group()
 
 
