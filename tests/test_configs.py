@@ -11,7 +11,6 @@ shortcut, --report=False, is said where it is made."""
 import ast
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import sys
 import nbformat
 import pytest
 
-from conftest import REPO
+from conftest import REPO, prepare_stories, script_env
 
 # Sizes only: a 1-layer, 16-wide model on 2 x 16-token batches, one batch per evaluation
 # (a step is ~15 ms here, nearly all of it the 50,257-way output layer).
@@ -136,20 +135,10 @@ def assert_lr_schedule_ends_at_min_lr(out_dir, stdout):
     return n, warmup
 
 
-def run_env():
-    # one thread: a tiny model runs faster and steadier on a shared CPU than with two
-    return dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
-
-
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory, stories_dir):
-    out = tmp_path_factory.mktemp('data') / 'tinystories'
-    r = subprocess.run([sys.executable, 'prepare.py', f"--train_files={stories_dir / 'train.txt'}",
-                        f"--val_files={stories_dir / 'validation.txt'}", f'--out_dir={out}'],
-                       cwd=REPO, capture_output=True, text=True, env=run_env(), timeout=300,
-                       stdin=subprocess.DEVNULL)
-    assert r.returncode == 0, r.stderr
-    return out
+    return prepare_stories(tmp_path_factory.mktemp('data') / 'tinystories', stories_dir / 'train.txt',
+                           stories_dir / 'validation.txt')
 
 
 def config_files():
@@ -218,7 +207,7 @@ def test_recipe_runs_and_its_lr_ends_at_min_lr(recipe, data_dir, source, tmp_pat
     out = tmp_path / 'out'
     flags = [f.format(source=source) for f in shrink_flags(recipe)]
     cmd = [sys.executable, 'train.py', *recipe.split(), *flags, f'--data_dir={data_dir}', f'--out_dir={out}']
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=run_env(), timeout=300,
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=script_env(), timeout=300,
                        stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr
     n, _ = assert_lr_schedule_ends_at_min_lr(out, r.stdout)

@@ -19,9 +19,9 @@ os.environ['TRANSFORMERS_VERBOSITY'] = 'error'
 transformers = pytest.importorskip('transformers')  # a test-only dependency
 
 import train  # noqa: E402
-from conftest import REPO  # noqa: E402
+from conftest import REPO, prepare_stories, script_env  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from test_train import assert_same_state, read_log, script_env  # noqa: E402
+from test_train import assert_same_state, read_log  # noqa: E402
 
 FINETUNE = 'config/finetune_tinystories.py'
 # sizes only: the source model is tiny, so are its batches; the config's schedule, evaluation
@@ -40,12 +40,8 @@ def finetune(source, data_dir, out_dir, *args, env=None, timeout=300):
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory, stories_dir):
-    out = tmp_path_factory.mktemp('data') / 'stories'
-    r = subprocess.run([sys.executable, 'prepare.py', f"--train_files={stories_dir / 'validation.txt'}",
-                        f"--val_files={stories_dir / 'sample5.txt'}", f'--out_dir={out}'],
-                       cwd=REPO, capture_output=True, text=True, env=script_env(), timeout=300)
-    assert r.returncode == 0, r.stderr
-    return out
+    return prepare_stories(tmp_path_factory.mktemp('data') / 'stories', stories_dir / 'validation.txt',
+                           stories_dir / 'sample5.txt')
 
 
 def random_hf_gpt2(n_positions=64):

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import train
+from conftest import prepare_stories, script_env
 from model import GPT, GPTConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,11 +29,6 @@ TINY = 'config/tiny.py'
 # --max_iters=4 that is compared with run_a (or resumed to its 8 steps) keeps run_a's 8-step
 # schedule with this (its warmup is cut to 8 // 10 = 0 steps either way)
 RUN_A_SCHEDULE = '--lr_decay_iters=8'
-
-
-def script_env():
-    # one thread: a tiny model runs faster and steadier on a shared CPU than with two
-    return dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
 
 
 def run_train(*args, launcher=(), timeout=300, report=False):
@@ -81,12 +77,8 @@ def error_of(argv):
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory, stories_dir):
-    out = tmp_path_factory.mktemp('data') / 'tinystories'
-    r = subprocess.run([sys.executable, 'prepare.py', f"--train_files={stories_dir / 'train.txt'}",
-                        f"--val_files={stories_dir / 'validation.txt'}", f'--out_dir={out}'],
-                       cwd=REPO, capture_output=True, text=True, env=script_env(), timeout=300)
-    assert r.returncode == 0, r.stderr
-    return out
+    return prepare_stories(tmp_path_factory.mktemp('data') / 'tinystories', stories_dir / 'train.txt',
+                           stories_dir / 'validation.txt')
 
 
 @pytest.fixture(scope='module')
