@@ -16,7 +16,6 @@ repeats (noise only ever slows a run down), with the median beside it.
 """
 import http.client
 import json as jsonlib
-import math
 import os
 import platform
 import re
@@ -31,60 +30,58 @@ from dataclasses import fields
 
 import torch
 
-from common import (check_counts, check_seed, check_writable, config_defaults, die, die_if_disk_full, parse_config,
+from common import (check_writable, config_defaults, die, die_if_disk_full, parse_config,
                     save_json)
-from data import get_tokenizer, read_stories
-from device import autocast, matmul_flops, peak_memory, pick_device, pick_dtype, sync, timed
-from engine import decode_linears, generate_stream, sampling_problem, window_steps
+from data import get_batch, get_tokenizer, read_stories
+from device import autocast, cpu_count, matmul_flops, peak_memory, pick_device, pick_dtype, sync, timed
+from engine import decode_linears, generate_stream, window_steps
 from model import GPT, GPTConfig
+from schedule import get_lr
 # the two scripts whose own code bench.py times: train.py's step and prepare.py's pipeline
 from prepare import prepare_files
-from train import get_batch, get_lr, train_step
+from train import train_step
 
 # -----------------------------------------------------------------------------
-what = 'peak'           # peak | train | sample | prepare | serve
+what = 'peak'           # what to measure; in {peak, train, sample, prepare, serve}
 # the model: the seed config
-n_layer = 6             # transformer blocks
-n_head = 6              # attention heads per block
-n_embd = 384            # width of the residual stream
-block_size = 128        # context length in tokens
-vocab_size = 50257      # GPT-2's BPE
-dropout = 0.1           # as in training (on while timing the train step)
+n_layer = 6             # transformer blocks; in [1, inf)
+n_head = 6              # attention heads per block; in [1, inf)
+n_embd = 384            # width of the residual stream; in [1, inf)
+block_size = 128        # context length in tokens; in [1, inf)
+vocab_size = 50257      # GPT-2's BPE; in [1, inf)
+dropout = 0.1           # as in training (on while timing the train step); in [0, 1)
 bias = True             # biases in Linear and LayerNorm layers
 # train
-batch_size = 32         # sequences per micro-batch
-gradient_accumulation_steps = 1  # micro-batches per timed step
-warmup = 2              # untimed steps first (allocations, compile, caches)
-iters = 3               # timed steps per repeat (more on GPUs: --iters=50)
-repeats = 3             # runs of every timed figure (sample: fewer once one took 5 s); best and median reported
+batch_size = 32         # sequences per micro-batch; in [1, inf)
+gradient_accumulation_steps = 1  # micro-batches per timed step; in [1, inf)
+warmup = 2              # untimed steps first (allocations, compile, caches); in [0, inf)
+iters = 3               # timed steps per repeat (more on GPUs: --iters=50); in [1, inf)
+repeats = 3             # runs of every timed figure (sample: fewer once one took 5 s); best and median reported; in [1, inf)
 # sample
 batches = '1,8'         # batch sizes to generate at
 new_tokens = '100,200,500'  # new tokens per row; past block_size - prompt_tokens the window slides
-prompt_tokens = 10      # tokens of the prompt before the new ones
-temperature = 0.8       # as sample.py
-top_k = 200             # as sample.py (0 or None = all tokens)
+prompt_tokens = 10      # tokens of the prompt before the new ones; in [1, inf)
+temperature = 0.8       # as sample.py; in [0, inf)
+top_k = 200             # as sample.py (0 or None = all tokens); in [0, inf)
 nocache = True          # also time nanoGPT's no-cache loop (the reference; slow at batch 8)
 # serve (random weights: no story ends early, each writes max_tokens)
 clients = '1,4,16'      # clients streaming at once, each level in turn
-max_tokens = 100        # tokens per story
-concurrency = 4         # serve.py's --concurrency (stories written at once; the rest queue)
+max_tokens = 100        # tokens per story; in [1, inf)
+concurrency = 4         # serve.py's --concurrency (stories written at once; the rest queue); in [1, inf)
 # prepare
 text = '../shared/data/tinystories/train.txt'  # a TinyStories-layout file, replicated to mb MB
-mb = 100.0              # MB of text to tokenize
+mb = 100.0              # MB of text to tokenize; in (0, inf)
 # peak
-gemm_size = 0           # square GEMM side; 0 = 8192 on CUDA, 2048 elsewhere
-copy_mb = 0             # bandwidth buffer; 0 = 1024 MB on CUDA, 256 MB elsewhere (> L3 caches)
+gemm_size = 0           # square GEMM side; 0 = 8192 on CUDA, 2048 elsewhere; in [0, inf)
+copy_mb = 0             # bandwidth buffer; 0 = 1024 MB on CUDA, 256 MB elsewhere (> L3 caches); in [0, inf)
 # machine
 device = 'auto'         # auto = cuda, else mps, else cpu
 dtype = 'auto'          # float32, bfloat16, float16; auto = bf16/fp16 on GPUs, fp32 elsewhere
 compile = False         # torch.compile the model first
-threads = 0             # torch threads (and prepare's processes); 0 = all cores
-seed = 1337             # random weights and tokens
+threads = 0             # torch threads (and prepare's processes); 0 = all cores; in [0, inf)
+seed = 1337             # random weights and tokens; in [0, 2**63)
 json = ''               # also write the figures to this JSON file
 # -----------------------------------------------------------------------------
-
-def num_cores():
-    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
 
 def cpu_model():
@@ -412,7 +409,7 @@ def print_sample(results, cfg, peak, wb, matmuls):
 # prepare: tokenizing speed against one core's tokenizer rate x cores
 
 def bench_prepare(cfg, device, dtype):
-    src, workers = cfg['text'], cfg['threads'] or num_cores()
+    src, workers = cfg['text'], cfg['threads'] or cpu_count()
     stories = read_stories(src)  # dies clearly on a missing, empty or non-UTF-8 file
     with open(src, 'rb') as f:
         data = f.read()
@@ -549,34 +546,19 @@ MODES = {'peak': bench_peak, 'train': bench_train, 'sample': bench_sample, 'prep
 
 def check_config(cfg):
     """Bad flag values stop here, with one line, before anything is measured."""
-    if cfg['what'] not in MODES:
-        die(f"--what={cfg['what']!r} is not one of {', '.join(MODES)}")
-    check_counts(cfg, ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size', 'batch_size',
-                       'gradient_accumulation_steps', 'iters', 'repeats', 'prompt_tokens'),
-                 {'warmup': 'no warm-up', 'gemm_size': 'the default size', 'copy_mb': 'the default size',
-                  'threads': 'all cores'})
     if cfg['n_embd'] % cfg['n_head']:
         die(f"--n_embd={cfg['n_embd']} must be divisible by --n_head={cfg['n_head']}")
-    if not 0 <= cfg['dropout'] < 1:
-        die(f"--dropout={cfg['dropout']} must be in [0, 1)")
     if cfg['what'] == 'train' and cfg['vocab_size'] > 2**16:  # the stand-in train.bin is uint16, as prepare's
         die(f"--vocab_size={cfg['vocab_size']} does not fit the uint16 tokens train.py reads: use at most 65536")
     int_list(cfg, 'batches')  # dies on a bad list
     int_list(cfg, 'new_tokens')
     int_list(cfg, 'clients')
-    check_counts(cfg, ('max_tokens', 'concurrency'), {})
     if cfg['what'] == 'sample' and cfg['prompt_tokens'] > cfg['block_size']:
         die(f"--prompt_tokens={cfg['prompt_tokens']} must be between 1 and block_size ({cfg['block_size']})")
-    problem = sampling_problem(cfg['temperature'], cfg['top_k'], None)
-    if problem:
-        die(f"--{problem}")
-    if not 0 < cfg['mb'] < math.inf:
-        die(f"--mb={cfg['mb']} must be a finite number > 0: the MB of text to tokenize")
     if cfg['what'] == 'prepare' and not os.path.isfile(cfg['text']):
         die(f"--text={cfg['text']} {'is a folder' if os.path.isdir(cfg['text']) else 'not found'}: pass a text "
             f"file in the TinyStories layout (stories each followed by a line <|endoftext|>), "
             f"e.g. ../shared/data/tinystories/train.txt")
-    check_seed(cfg)
     if cfg['json']:  # written at the end: find out now, not after minutes of measuring
         check_writable(cfg['json'], '--json', folder=False)
 
@@ -586,7 +568,7 @@ def main(argv=None):
     check_config(cfg)
     dev = pick_device(cfg['device'])
     precision = pick_dtype(cfg['dtype'], dev)
-    torch.set_num_threads(cfg['threads'] or num_cores())
+    torch.set_num_threads(cfg['threads'] or cpu_count())
     print(header(cfg, dev, precision), flush=True)
     results = MODES[cfg['what']](cfg, dev, precision)
     if cfg['json']:

@@ -4,9 +4,13 @@ state_dict, 'model_args': dict, ...}, loaded with weights_only=True), a Hugging 
 (read by hf.load_hf_folder into that layout), or OpenAI's GPT-2 by name, downloaded from the hub.
 """
 import os
+from dataclasses import fields
 
 from common import die
 from hf import load_hf_folder
+from model import GPTConfig
+
+MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != 'vocab_size']  # a run's shape; vocab: the data's
 
 
 def clean_state_dict(state_dict):
@@ -52,7 +56,7 @@ def load_weights(model, state_dict, source):
 
 def load_model(path, device='cpu'):
     """Build the GPT stored in a checkpoint file; returns (model, checkpoint dict)."""
-    from model import GPT, GPTConfig
+    from model import GPT
     ckpt = read_checkpoint(path)
     try:
         model = GPT(GPTConfig(**ckpt['model_args']), verbose=False)
@@ -75,3 +79,42 @@ def download_gpt2(name):
     except Exception as e:  # no network, no such file, hub errors: all end the same way
         die(f"could not download {name} from the Hugging Face hub ({type(e).__name__}; offline?): pass "
             f"--init_from=FOLDER, a local GPT-2 folder (saved by save_pretrained, or by export.py)")
+
+
+def finetune_source(cfg, given, log):
+    """train.py's fine-tune (--init_from=PATH or a GPT-2 name): the source's weights, and its shape
+    into cfg. A shape key set by a flag or config file must agree with the source, except dropout,
+    and block_size, which may shrink (the position table is cropped, as nanoGPT's crop_block_size)."""
+    source = cfg['init_from']
+    ckpt = read_checkpoint(source if os.path.exists(source) else download_gpt2(source))
+    theirs = {**{f.name: f.default for f in fields(GPTConfig)}, **ckpt['model_args']}
+    for k in MODEL_KEYS:
+        if k not in given:
+            cfg[k] = theirs[k]
+        elif k == 'block_size' and cfg[k] > theirs[k]:
+            die(f"block_size={cfg[k]} is larger than {source}'s {theirs[k]} positions: a fine-tune can only "
+                f"shrink the context; pass --block_size={theirs[k]} or less")
+        elif k not in ('dropout', 'block_size') and cfg[k] != theirs[k]:
+            die(f"{k}={cfg[k]} (set by a flag or config file) disagrees with {source}, whose {k} is {theirs[k]}: "
+                f"a fine-tune takes the model's shape from its source; drop {k} (only dropout and a smaller "
+                f"block_size may be set)")
+    state = clean_state_dict(ckpt['model'])
+    if 'transformer.wpe.weight' in state:
+        state['transformer.wpe.weight'] = state['transformer.wpe.weight'][:cfg['block_size']]
+    log(f"fine-tuning from {source}: {cfg['n_layer']} layers, {cfg['n_head']} heads, {cfg['n_embd']} wide, "
+        f"block_size {cfg['block_size']} (of {theirs['block_size']}), dropout {cfg['dropout']}")
+    return {'model': state, 'model_args': {**{k: cfg[k] for k in MODEL_KEYS}, 'vocab_size': theirs['vocab_size']}}
+
+
+def check_init_from(source, out_dir):
+    """train.py's --init_from names a start that exists (a hub name is fetched later), and a fine-tune
+    would not overwrite the checkpoint it starts from."""
+    if source in ('scratch', 'resume') or (source in GPT2_HUB and not os.path.exists(source)):
+        return
+    if not os.path.exists(source):
+        die(f"--init_from={source}: no such checkpoint file or folder; pass scratch, resume, a path to a "
+            f"ckpt.pt / best_model_params.pt / Hugging Face GPT-2 folder, or one of {', '.join(GPT2_HUB)}")
+    outputs = [os.path.realpath(os.path.join(out_dir, n)) for n in ('ckpt.pt', 'best_model_params.pt')]
+    if os.path.realpath(source) in outputs:
+        die(f"--init_from={source} is where this run saves its checkpoints: pass another --out_dir "
+            f"(or --init_from=resume to continue that run)")

@@ -116,35 +116,37 @@ def parse_config(defaults, argv=None, nullable=(), script=None, given=None):
     for key, value in config.items():  # a path with a NUL byte fails deep inside open()
         if isinstance(value, str) and '\0' in value:
             die(f"{key} holds a NUL byte: pass plain text")
+    check_rules(config, config_meanings(script) if script else {})
     return config
 
 
-def check_counts(cfg, at_least_one=(), zero_means=None):
-    """Stop with one line on a count flag out of range: those in at_least_one must be >= 1; for
-    those in zero_means ({key: what 0 means}) 0 is allowed, negatives are not."""
-    for key in at_least_one:
-        if cfg[key] < 1:
-            die(f"--{key}={cfg[key]} must be at least 1")
-    for key, zero in (zero_means or {}).items():
-        if cfg[key] < 0:
-            die(f"--{key}={cfg[key]} is negative: use 0 ({zero}) or more")
+# a comment that ends in a rule: "in [1, inf)", a range ([ ] include the ends, ( ) leave them
+# out), or "in {auto, nccl, gloo}", the choices
+RULE = re.compile(r"\bin (?:([\[(])([^,]+), ([^,]+)([\])])|\{([^}]*)\})$")
 
 
-def check_generation_flags(cfg):
-    """The generation flags sample.py and eval.py share: engine.sampling_problem's rule, a bound
-    on max_new_tokens (generate allocates room for all of them up front), a 64-bit seed."""
-    from engine import sampling_problem
-    problem = sampling_problem(cfg['temperature'], cfg['top_k'], cfg['top_p'])
-    if problem:
-        die(f"--{problem}")
-    if cfg['max_new_tokens'] > 1_000_000:
-        die(f"--max_new_tokens={cfg['max_new_tokens']} is more than 1,000,000: ask for fewer tokens")
-    check_seed(cfg)
+def check_rules(config, meanings):
+    """Stop with one line on a value its rule excludes. The rule is the end of the comment beside
+    the default: written once, enforced here, printed by --help. None (where allowed) passes."""
+    for key, meaning in meanings.items():
+        m, value = RULE.search(meaning), config.get(key)
+        if not m or value is None:
+            continue
+        if m.group(5) is not None:
+            ok = str(value) in [choice.strip() for choice in m.group(5).split(',')]
+        else:
+            low, high = (rule_bound(b) for b in m.group(2, 3))
+            ok = ((low <= value if m.group(1) == '[' else low < value)  # False for nan
+                  and (value <= high if m.group(4) == ']' else value < high))
+        if not ok:
+            die(f"--{key}={value!r} must be {m.group(0)}: {meaning[:m.start()].rstrip(' ,;:')}")
 
 
-def check_seed(cfg):
-    if not 0 <= cfg['seed'] < 2**63:  # torch.manual_seed takes 64-bit seeds
-        die(f"--seed={cfg['seed']} must be between 0 and 2**63 - 1")
+def rule_bound(text):
+    """A range's end: a number, inf, or a power such as 2**63."""
+    base, _, power = text.strip().partition('**')
+    number = float(base) if 'inf' in base else ast.literal_eval(base)
+    return number ** ast.literal_eval(power) if power else number
 
 
 # -----------------------------------------------------------------------------

@@ -254,3 +254,43 @@ def open_split(data_dir, split, vocab_size=None):
     if size == 0:
         die(f"{path} holds no tokens: prepare it from non-empty text")
     return np.memmap(path, dtype=np.uint16, mode='r')
+
+
+def open_splits(data_dir, vocab_size, block_size):
+    """train.py's train and val token memmaps, read-only, each longer than a window."""
+    splits = {split: open_split(data_dir, split, vocab_size) for split in ('train', 'val')}
+    for split, data in splits.items():
+        if len(data) <= block_size:
+            die(f"{data_dir}/{split}.bin holds {len(data)} tokens, fewer than block_size+1="
+                f"{block_size + 1}: prepare more text or lower --block_size")
+    return splits
+
+
+def vocab_size_of(data_dir, model_vocab=None, model_dir=None):
+    """train.py's vocabulary: meta.json's for a new model; else model_vocab, the vocabulary of
+    the checkpoint in model_dir (a resume's or a fine-tune's), which must cover the data's tokens."""
+    meta_vocab = load_meta(data_dir).get('vocab_size')
+    if not isinstance(meta_vocab, int) or meta_vocab < 1:
+        die(f"{data_dir}/meta.json has no valid vocab_size: re-run `python prepare.py --force`")
+    if model_vocab is None:
+        return meta_vocab
+    if meta_vocab > model_vocab:
+        die(f"{data_dir}/meta.json describes a {meta_vocab}-token vocabulary, but the checkpoint in "
+            f"{model_dir} has {model_vocab}: train on data tokenized for that model (--data_dir)")
+    return model_vocab
+
+
+def get_batch(data, batch_size, block_size, generator, device):
+    """batch_size random windows of the token memmap: inputs x and next-token targets y (train.py's
+    batches; torch is imported here alone, so prepare.py's tokenizer processes never load it)."""
+    import torch
+    if isinstance(data, np.memmap):
+        # through a fresh mapping each time: pages read through one long-lived mapping stay in
+        # the process's RSS, which grows toward the file's size over a long run (nanoGPT #287)
+        data = np.memmap(data.filename, dtype=data.dtype, mode='r')
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
+    windows = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64))
+    x, y = windows[:, :-1], windows[:, 1:]
+    if device.startswith('cuda'):  # pinned memory lets the copy overlap with compute
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)

@@ -1,12 +1,18 @@
 """
-The machine a script runs on: device and precision choice, autocast, peak memory, and timing
-(GPU sync, timed calls, the measured matmul peak that MFU divides by).
+The machine a script runs on: its cores, device and precision choice, torchrun's processes,
+autocast, peak memory, and timing (GPU sync, timed calls, the matmul peak that MFU divides by).
 """
+import os
 import sys
 import time
 from contextlib import nullcontext
 
 from common import die
+
+
+def cpu_count():
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
 
 def pick_device(device='auto'):
@@ -23,6 +29,22 @@ def pick_device(device='auto'):
     except Exception as e:
         die(f"device {device!r} is not usable here ({str(e).splitlines()[0]}): use --device=cpu or --device=auto")
     return device
+
+
+def start_processes(device, backend='auto'):
+    """Under torchrun (RANK, LOCAL_RANK, WORLD_SIZE set): join the process group, one process per
+    device (cuda:LOCAL_RANK); backend auto is nccl on CUDA, gloo otherwise. Returns (rank,
+    local_rank, world_size, device): (0, 0, 1, device) for a lone process."""
+    import torch
+    if int(os.environ.get('RANK', -1)) == -1:
+        return 0, 0, 1, device
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
+    if device.startswith('cuda'):
+        device = f'cuda:{local_rank}'
+        torch.cuda.set_device(device)
+    auto = 'nccl' if device.startswith('cuda') else 'gloo'
+    torch.distributed.init_process_group(backend=auto if backend == 'auto' else backend)
+    return rank, local_rank, world_size, device
 
 
 def pick_dtype(dtype, device):
@@ -108,3 +130,9 @@ def matmul_flops(device, dtype, n=0, repeats=3):
             break
         n *= 2
     return n, [2 * n ** 3 / t for t in timed(lambda: torch.mm(a, b, out=c), device, 2, repeats)]
+
+
+def format_eta(seconds):
+    """A time left as train.py prints it: 1h05m, or 4m09s under an hour."""
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from checkpoints import load_model
-from common import (atomic_write, check_counts, check_generation_flags, check_writable, config_defaults, die,
+from common import (atomic_write, check_writable, config_defaults, die,
                     parse_config)
 from data import EOT_TOKEN, encode_stories, get_tokenizer, open_split, read_meta, read_stories
 from device import autocast, pick_device, pick_dtype
@@ -45,16 +45,16 @@ out_dir = 'out'        # the run: --report writes out_dir/report.md
 ckpt = ''              # checkpoint; '' = out_dir/best_model_params.pt
 data = ''              # a .bin of uint16 tokens; '' = the checkpoint's data_dir/val.bin
 text_files = ''        # instead of --data: comma-separated TinyStories-layout text files
-batch_size = 16        # windows per forward pass
-block_size = 0         # window length; 0 = the model's context length
-stride = 0             # tokens between window starts; 0 = block_size (no overlap)
-num_samples = 10       # stories for the quality figures; 0 skips them
-max_new_tokens = 200   # a story that has not ended by then counts as not ended
-temperature = 0.8      # for the quality stories, as sample.py
-top_k = 200            # 0 or None = all tokens
-top_p = 1.0            # 1.0 = off
-seed = 1337            # story i is drawn with seed + i
-show = 3               # stories to print
+batch_size = 16        # windows per forward pass; in [1, inf)
+block_size = 0         # window length; 0 = the model's context length; in [0, inf)
+stride = 0             # tokens between window starts; 0 = block_size (no overlap); in [0, inf)
+num_samples = 10       # stories for the quality figures; 0 skips them; in [0, inf)
+max_new_tokens = 200   # a story that has not ended by then counts as not ended; in [1, 1_000_000]
+temperature = 0.8      # for the quality stories, as sample.py; in [0, inf)
+top_k = 200            # 0 or None = all tokens; in [0, inf)
+top_p = 1.0            # 1.0 = off; in (0, 1]
+seed = 1337            # story i is drawn with seed + i; in [0, 2**63)
+show = 3               # stories to print; in [0, inf)
 report = False         # write out_dir/report.md instead of printing an evaluation
 device = 'auto'        # auto, cpu, cuda, cuda:1, mps
 dtype = 'auto'         # auto, float32, bfloat16, float16
@@ -426,12 +426,8 @@ def write_report(out_dir, ckpt_path='', data_path='', device='auto', dtype='auto
 
 def check_config(cfg):
     """Bad flag values stop here, with one line, before the model or any data is loaded."""
-    check_counts(cfg, ('batch_size', 'max_new_tokens'),
-                 {'block_size': "the model's context", 'stride': 'block_size: no overlap',
-                  'num_samples': 'no stories', 'show': 'print none'})
     if cfg['block_size'] and cfg['stride'] > cfg['block_size']:  # windows would skip tokens
         die(f"--stride={cfg['stride']} must be between 1 and the block size {cfg['block_size']}")
-    check_generation_flags(cfg)
     if cfg['data'] and cfg['text_files']:
         die("pass either --data=FILE.bin or --text_files=A.txt,B.txt, not both")
     if cfg['report'] and cfg['text_files']:

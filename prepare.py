@@ -28,6 +28,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 from common import check_writable, config_defaults, die, die_if_disk_full, parse_config, save_json
 from data import EOT_TOKEN, check_file, encode_stories, get_tokenizer, read_chunks, read_meta, split_stories
+from device import cpu_count
 
 # -----------------------------------------------------------------------------
 # config (python prepare.py --key=value)
@@ -72,11 +73,6 @@ def _init_worker():
             time.sleep(0.5)
         os._exit(1)
     threading.Thread(target=exit_when_orphaned, daemon=True).start()
-
-
-def cpu_count():
-    """The CPU cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
 
 def tokenize(encode, tasks, pool, workers):

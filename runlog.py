@@ -2,7 +2,7 @@
 The run log, out_dir/log.jsonl: train.py writes a row per optimizer step (its batch loss and LR)
 and a row per evaluation (train/val loss estimates, speed); plot.py, eval.py, the export's model
 card (hf.py) and a resuming train.py read it back. Here: its writer, its reader, and its plot
-(loss_curve.png).
+(loss_curve.png); and the same rows sent to Weights & Biases (--wandb_log).
 """
 import json
 import os
@@ -121,3 +121,37 @@ def plot_log(out_dir):
     path = os.path.join(out_dir, 'loss_curve.png')
     atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=120))
     return path
+
+
+# -----------------------------------------------------------------------------
+# Weights & Biases: the same rows, sent to a W&B run
+
+def check_wandb():
+    """--wandb_log needs the wandb package, not a requirement: train.py asks before it trains."""
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        die("--wandb_log=True needs the wandb package, which is not installed: pip install wandb")
+
+
+def start_wandb(cfg, run_id=None):
+    """train.py's --wandb_log (rank 0): a new W&B run with the resolved config, or the W&B run
+    run_id (a resumed checkpoint's) continued, its config updated (init_from and anything passed anew)."""
+    import wandb
+    try:
+        return wandb.init(project=cfg['wandb_project'], name=cfg['wandb_run_name'] or None, config=cfg,
+                          dir=cfg['out_dir'], id=run_id, resume='allow' if run_id else None,
+                          allow_val_change=run_id is not None)
+    except Exception as e:  # no API key without a terminal to ask for one, no network, ...
+        die(f"W&B could not start a run ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): "
+            f"run `wandb login` (or set WANDB_API_KEY), or WANDB_MODE=offline to log locally")
+
+
+def wandb_row(row):
+    """A log.jsonl row under W&B names: an evaluation's as nanoGPT logs them (train/loss,
+    val/loss, lr, mfu, ...), a step's batch loss and LR under step/ (the evaluation at the same
+    iter reports the next step's LR under lr)."""
+    if 'loss' in row:  # a step's row
+        return {'iter': row['iter'], 'tokens': row['tokens'], 'step/loss': row['loss'], 'step/lr': row['lr']}
+    names = {'train_loss': 'train/loss', 'val_loss': 'val/loss'}
+    return {names.get(k, k): v for k, v in row.items()}

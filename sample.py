@@ -17,7 +17,7 @@ import time
 import torch
 
 from checkpoints import load_model
-from common import check_generation_flags, config_defaults, die, parse_config
+from common import config_defaults, die, parse_config
 from data import get_tokenizer, story_text
 from device import autocast, pick_device, pick_dtype
 from engine import generate_stream
@@ -26,12 +26,12 @@ from engine import generate_stream
 out_dir = 'out'          # reads out_dir/best_model_params.pt, the best checkpoint train.py saved
 ckpt = ''                # a checkpoint file (or exported folder) to use instead
 start = ''               # the prompt, or FILE:path to read it from a file; '' = a story from scratch
-num_samples = 3          # stories to write, one after another
-max_new_tokens = 300     # per sample; most TinyStories stories end well before
-temperature = 0.8        # 0 = greedy (always the most likely token); higher = more varied
-top_k = 200              # sample among the top_k most likely tokens only (0 or None = all)
-top_p = 1.0              # nucleus: among the fewest tokens whose probabilities reach top_p (1.0 = off)
-seed = 1337              # the same seed and flags give the same stories
+num_samples = 3          # stories to write, one after another; in [1, inf)
+max_new_tokens = 300     # per sample; most TinyStories stories end well before; in [1, 1_000_000]
+temperature = 0.8        # 0 = greedy (always the most likely token); higher = more varied; in [0, inf)
+top_k = 200              # sample among the top_k most likely tokens only (0 or None = all); in [0, inf)
+top_p = 1.0              # nucleus: among the fewest tokens whose probabilities reach top_p (1.0 = off); in (0, 1]
+seed = 1337              # the same seed and flags give the same stories; in [0, 2**63)
 device = 'auto'          # auto = cuda, else mps, else cpu
 dtype = 'auto'           # float32, bfloat16 or float16; auto = bf16/fp16 on GPUs, fp32 elsewhere
 compile = False          # torch.compile the model's forward (PyTorch 2; a slow first sample)
@@ -43,9 +43,6 @@ fast_window = False      # past block_size keep half the window instead of re-ru
 
 def check_config(cfg):
     """Bad flag values stop here, with one line, before the model is loaded."""
-    if cfg['num_samples'] < 1 or cfg['max_new_tokens'] < 1:
-        die("--num_samples and --max_new_tokens must be at least 1")
-    check_generation_flags(cfg)
     if cfg['fast_window'] and not cfg['kv_cache']:  # the no-cache loop has no window to halve
         die("--fast_window=True needs the kv cache: drop --kv_cache=False or --fast_window")
     if not cfg['ckpt'] and os.path.isfile(cfg['out_dir']):

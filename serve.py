@@ -33,7 +33,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 
 from checkpoints import load_model
-from common import check_counts, config_defaults, die, parse_config
+from common import config_defaults, die, parse_config
 from data import get_tokenizer, story_text
 from device import autocast, pick_device, pick_dtype
 from engine import generate_stream, sampling_problem
@@ -42,11 +42,11 @@ from engine import generate_stream, sampling_problem
 out_dir = 'out'            # serves out_dir/best_model_params.pt, the best checkpoint train.py saved
 ckpt = ''                  # a checkpoint file (or exported folder) to serve instead
 host = '127.0.0.1'         # the address to listen on: this machine only; 0.0.0.0 = every network
-port = 8000                # 0 = any free port (printed)
+port = 8000                # 0 = any free port (printed); in [0, 65535]
 model_name = 'slm'         # the model's id in the API (/v1/models; a request's "model" must match)
-concurrency = 4            # stories written at once, a token each in turn
-queue = 16                 # requests that may wait for a turn; past that a 429
-max_tokens_limit = 1024    # the most tokens a request may ask for, per story
+concurrency = 4            # stories written at once, a token each in turn; in [1, inf)
+queue = 16                 # requests that may wait for a turn; past that a 429; in [0, inf)
+max_tokens_limit = 1024    # the most tokens a request may ask for, per story; in [1, inf)
 device = 'auto'            # auto = cuda, else mps, else cpu
 dtype = 'auto'             # float32, bfloat16 or float16; auto = bf16/fp16 on GPUs, fp32 elsewhere
 # -----------------------------------------------------------------------------
@@ -348,9 +348,6 @@ class Handler(BaseHTTPRequestHandler):
 
 def main(argv=None):
     cfg = parse_config(config_defaults(globals()), argv, script=__file__)
-    if not 0 <= cfg['port'] <= 65535:
-        die(f"--port={cfg['port']} must be from 0 to 65535 (0 = any free port)")
-    check_counts(cfg, ('concurrency', 'max_tokens_limit'), {'queue': 'no waiting: busy means 429'})
     path = cfg['ckpt'] or os.path.join(cfg['out_dir'], 'best_model_params.pt')
     dev = pick_device(cfg['device'])
     model, _ = load_model(path, dev)

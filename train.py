@@ -16,71 +16,66 @@ with 130/143; `--init_from=resume` continues the same run (same losses as if nev
 import math
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import time
-from dataclasses import fields
 from functools import partial
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoints import GPT2_HUB, clean_state_dict, download_gpt2, load_weights, read_checkpoint
+from checkpoints import MODEL_KEYS, check_init_from, finetune_source, load_weights, read_checkpoint
 from common import check_writable, config_defaults, die, parse_config, torch_save
-from data import load_meta, open_split
-from device import autocast, matmul_flops, peak_memory, pick_device, pick_dtype
-from engine import generate
+from data import get_batch, open_splits, vocab_size_of
+from device import autocast, format_eta, matmul_flops, peak_memory, pick_device, pick_dtype, start_processes
 from model import GPT, GPTConfig
-from runlog import append_log, plot_log, start_log
+from runlog import append_log, check_wandb, plot_log, start_log, start_wandb, wandb_row
+from schedule import CALIBRATION_STEPS, cut_warmup, fit_to_budget, get_lr
 
 # -----------------------------------------------------------------------------
 # default config: the seed recipe (a 6-layer, 6-head, 384-wide GPT on TinyStories)
 # I/O
 out_dir = 'out'                  # checkpoints, log.jsonl, loss_curve.png and report.md go here
 data_dir = 'data/tinystories'    # train.bin, val.bin and meta.json from prepare.py
-eval_interval = 500              # optimizer steps between evaluations + checkpoints
-log_interval = 10                # optimizer steps between progress lines
-eval_iters = 200                 # batches per split in each evaluation
+eval_interval = 500              # optimizer steps between evaluations + checkpoints; in [1, inf)
+log_interval = 10                # optimizer steps between progress lines; in [1, inf)
+eval_iters = 200                 # batches per split in each evaluation; in [1, inf)
 eval_only = False                # evaluate once and exit
 always_save_checkpoint = True    # ckpt.pt at every eval (False: only when val loss improves)
 init_from = 'scratch'            # 'scratch', 'resume' (out_dir/ckpt.pt), or fine-tune from: a checkpoint file
                                  # (SLM's or nanoGPT's), a Hugging Face GPT-2 folder, or gpt2 / gpt2-medium / gpt2-large / gpt2-xl
-seed = 1337                      # dropout and data windows (rank r uses seed + r)
+seed = 1337                      # dropout and data windows (rank r uses seed + r); in [0, 2**63)
 # data
-gradient_accumulation_steps = 8  # micro-batches per optimizer step, summed over all processes
-batch_size = 32                  # sequences per micro-batch
-block_size = 128                 # tokens per sequence
+gradient_accumulation_steps = 8  # micro-batches per optimizer step, summed over all processes; in [1, inf)
+batch_size = 32                  # sequences per micro-batch; in [1, inf)
+block_size = 128                 # tokens per sequence; in [1, inf)
 # model
-n_layer = 6                      # transformer blocks
-n_head = 6                       # attention heads per block (must divide n_embd)
-n_embd = 384                     # width of the residual stream
-dropout = 0.1                    # on embeddings, attention and residual outputs while training
+n_layer = 6                      # transformer blocks; in [1, inf)
+n_head = 6                       # attention heads per block (must divide n_embd); in [1, inf)
+n_embd = 384                     # width of the residual stream; in [1, inf)
+dropout = 0.1                    # on embeddings, attention and residual outputs while training; in [0, 1)
 bias = True                      # biases in Linear and LayerNorm layers, as GPT-2
 # AdamW
-learning_rate = 5e-4             # peak LR after warmup
-max_iters = 20000                # optimizer steps (32 x 128 x 8 = 32,768 tokens each: 655M in all)
-max_minutes = 0.0                # > 0: set max_iters from timed steps so the whole run ends in this many minutes
-weight_decay = 0.1               # AdamW decay on matrices and embeddings (not biases, norms)
-beta1 = 0.9                      # AdamW's moving-average factor for the gradient
-beta2 = 0.95                     # ... and for the squared gradient
-grad_clip = 0.5                  # clip the global gradient norm to this (0: off)
+learning_rate = 5e-4             # peak LR after warmup; in [0, inf)
+max_iters = 20000                # optimizer steps (32 x 128 x 8 = 32,768 tokens each: 655M in all); in [1, inf)
+max_minutes = 0.0                # > 0: set max_iters from timed steps so the whole run ends in this many minutes; in [0, inf)
+weight_decay = 0.1               # AdamW decay on matrices and embeddings (not biases, norms); in [0, inf)
+beta1 = 0.9                      # AdamW's moving-average factor for the gradient; in [0, 1)
+beta2 = 0.95                     # ... and for the squared gradient; in [0, 1)
+grad_clip = 0.5                  # clip the global gradient norm to this (0: off); in [0, inf)
 # LR schedule: linear warmup, then cosine decay to min_lr, one step per optimizer step
 decay_lr = True                  # False: a flat learning_rate, no warmup or decay
-warmup_iters = 1000              # steps of linear warmup (cut to a tenth of a shorter run)
-lr_decay_iters = 0               # step where the decay reaches min_lr; 0: max_iters
-# The seed notebook set learning_rate=1e-4 and min_lr=5e-4, so its "decay" raised the LR
-# 5x (and it stepped the scheduler per micro-batch). Here min_lr is a tenth of the peak.
+warmup_iters = 1000              # steps of linear warmup (cut to a tenth of a shorter run); in [0, inf)
+lr_decay_iters = 0               # step where the decay reaches min_lr; 0: max_iters; in [0, inf)
 min_lr = 5e-5                    # the LR at the end of the cosine decay
 # system
 device = 'auto'                  # auto: cuda, else mps, else cpu; or cpu, cuda, cuda:1, mps
 dtype = 'auto'                   # auto: bfloat16 on GPUs that have it, else float16; float32 on CPU
 compile = False                  # torch.compile the model (faster on GPUs, slow to start)
-backend = 'auto'                 # DDP backend; auto: nccl on CUDA, gloo otherwise
-peak_flops = 0.0                 # device peak FLOP/s for MFU; 0: measure a dense matmul at startup
+backend = 'auto'                 # DDP backend; auto: nccl on CUDA, gloo otherwise; in {auto, nccl, gloo}
+peak_flops = 0.0                 # device peak FLOP/s for MFU; 0: measure a dense matmul at startup; in [0, inf)
 report = True                    # at the end, write out_dir/report.md (eval.py's report card)
 # Weights & Biases, as nanoGPT spells it (pip install wandb; W&B's files go to out_dir/wandb)
 wandb_log = False                # also send log.jsonl's rows and the resolved config to a W&B run (rank 0)
@@ -88,42 +83,10 @@ wandb_project = 'slm'            # the W&B project
 wandb_run_name = ''              # the W&B run's name ('': W&B picks one)
 # -----------------------------------------------------------------------------
 
-MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != 'vocab_size']  # from the config; vocab: the data's
-CALIBRATION_STEPS = 10  # --max_minutes: steps timed before max_iters is fixed (the first one is not counted)
-
-
-def get_lr(it, cfg):
-    """Learning rate at optimizer step it: linear warmup, cosine decay, then flat min_lr."""
-    lr, min_lr = cfg['learning_rate'], cfg['min_lr']
-    if not cfg['decay_lr']:
-        return lr
-    warmup, decay_end = cfg['warmup_iters'], cfg['lr_decay_iters'] or cfg['max_iters']
-    if it < warmup:
-        return lr * (it + 1) / (warmup + 1)
-    if it >= decay_end:
-        return min_lr
-    progress = (it - warmup) / (decay_end - warmup)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
-
-
-def get_batch(data, batch_size, block_size, generator, device):
-    """batch_size random windows of the token memmap: inputs x and next-token targets y."""
-    if isinstance(data, np.memmap):
-        # through a fresh mapping each time: pages read through one long-lived mapping stay in
-        # the process's RSS, which grows toward the file's size over a long run (nanoGPT #287)
-        data = np.memmap(data.filename, dtype=data.dtype, mode='r')
-    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
-    windows = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64))
-    x, y = windows[:, :-1], windows[:, 1:]
-    if device.startswith('cuda'):  # pinned memory lets the copy overlap with compute
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
-
 
 def train_step(model, optimizer, scaler, batches, lr, grad_clip, ctx):
-    """One optimizer step: forward + backward per micro-batch (gradient accumulation),
-    then clip and AdamW. Returns the mean loss as a tensor (reading it syncs the GPU).
-    Gradients stay in the .grad fields until the next step."""
+    """One optimizer step: forward + backward per micro-batch (gradient accumulation), then clip and
+    AdamW. Returns the mean loss as a tensor (reading it syncs the GPU); the gradients stay in .grad."""
     for group in optimizer.param_groups:
         group['lr'] = lr
     optimizer.zero_grad(set_to_none=True)
@@ -146,9 +109,8 @@ def train_step(model, optimizer, scaler, batches, lr, grad_clip, ctx):
 
 @torch.no_grad()
 def estimate_loss(model, splits, cfg, ctx, device):
-    """Mean loss over eval_iters batches per split. The batches come from their own
-    fixed-seed generator: every evaluation sees the same windows, and the training data
-    stream (and so resume) does not depend on how often we evaluate."""
+    """Mean loss over eval_iters batches per split, the same windows every time (their own fixed-seed
+    generator): the training data stream, and so resume, does not depend on how often we evaluate."""
     model.eval()
     out = {}
     for split, data in splits.items():
@@ -165,89 +127,30 @@ def estimate_loss(model, splits, cfg, ctx, device):
 
 
 def check_config(cfg):
-    """Config values that would fail late or silently train wrong: stop now, say why.
-    Returns the warnings for what it adjusted (a short run's warmup)."""
-    for key in ('batch_size', 'block_size', 'max_iters', 'eval_interval', 'log_interval', 'eval_iters',
-                'gradient_accumulation_steps', 'n_layer', 'n_head', 'n_embd'):
-        if cfg[key] < 1:
-            die(f"{key} must be at least 1, got {cfg[key]}")
-    for key in ('learning_rate', 'weight_decay', 'grad_clip', 'warmup_iters', 'lr_decay_iters', 'peak_flops',
-                'max_minutes'):
-        if not cfg[key] >= 0:  # also catches nan
-            die(f"{key} must be 0 or more, got {cfg[key]}")
-    for key in ('beta1', 'beta2'):
-        if not 0 <= cfg[key] < 1:
-            die(f"{key} must be in [0, 1) (AdamW's moving-average factor), got {cfg[key]}")
+    """What the rules beside the defaults cannot say (they are enforced by parse_config): stop now,
+    say why. Returns the warnings for what it adjusted (a short run's warmup)."""
     if cfg['n_embd'] % cfg['n_head'] and cfg['init_from'] == 'scratch':  # else the shape is the checkpoint's
         die(f"n_embd={cfg['n_embd']} must be divisible by n_head={cfg['n_head']}")
-    if not 0.0 <= cfg['dropout'] < 1.0:
-        die(f"dropout must be in [0, 1), got {cfg['dropout']}")
-    check_init_from(cfg)
+    check_init_from(cfg['init_from'], cfg['out_dir'])
     if not 0 <= cfg['min_lr'] <= cfg['learning_rate']:
         die(f"min_lr={cfg['min_lr']} must be between 0 and learning_rate={cfg['learning_rate']} "
             f"(the cosine schedule decays from learning_rate down to min_lr)")
-    if cfg['backend'] not in ('auto', 'nccl', 'gloo'):
-        die(f"backend must be auto, nccl or gloo, got {cfg['backend']!r}")
     check_writable(cfg['out_dir'], '--out_dir')  # before minutes of training, not at the first save
     if cfg['wandb_log']:
-        try:
-            import wandb  # noqa: F401  only when asked for: wandb is not a requirement
-        except ImportError:
-            die("--wandb_log=True needs the wandb package, which is not installed: pip install wandb")
+        check_wandb()
     if cfg['max_minutes'] and not cfg['eval_only']:
         return []  # max_iters is not known yet: fit_to_budget cuts the warmup if needed
     return [w for w in [cut_warmup(cfg)] if w]
-
-
-def check_init_from(cfg):
-    """--init_from names a start that exists (a hub name is fetched later), and a fine-tune
-    would not overwrite the checkpoint it starts from."""
-    source = cfg['init_from']
-    if source in ('scratch', 'resume') or (source in GPT2_HUB and not os.path.exists(source)):
-        return
-    if not os.path.exists(source):
-        die(f"--init_from={source}: no such checkpoint file or folder; pass scratch, resume, a path to a "
-            f"ckpt.pt / best_model_params.pt / Hugging Face GPT-2 folder, or one of {', '.join(GPT2_HUB)}")
-    outputs = [os.path.realpath(os.path.join(cfg['out_dir'], n)) for n in ('ckpt.pt', 'best_model_params.pt')]
-    if os.path.realpath(source) in outputs:
-        die(f"--init_from={source} is where this run saves its checkpoints: pass another --out_dir "
-            f"(or --init_from=resume to continue that run)")
-
-
-def cut_warmup(cfg):
-    """A run shorter than its warmup (a quick `--max_iters=100` under the recipe's 1000 steps)
-    warms up for a tenth of the decay instead. Returns the warning line, or None."""
-    decay_end = cfg['lr_decay_iters'] or cfg['max_iters']
-    if not (cfg['decay_lr'] and cfg['warmup_iters'] > decay_end):
-        return None
-    warmup = decay_end // 10
-    warning = (f"warning: warmup_iters={cfg['warmup_iters']} is longer than the LR decay "
-               f"({decay_end} steps): warming up for {warmup} steps instead (a tenth)")
-    cfg['warmup_iters'] = warmup
-    return warning
-
-
-def format_eta(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 # -----------------------------------------------------------------------------
 # the phases of a run, in the order main() calls them
 
 def setup(cfg):
-    """Processes, device, precision and seeds. Under torchrun (RANK and WORLD_SIZE set) there is
-    one process per device; else just this one. Returns the run's facts (main() adds model, optimizer, data)."""
-    ddp = int(os.environ.get('RANK', -1)) != -1
-    rank, local_rank, world_size = 0, 0, 1
-    device = pick_device(cfg['device'])
-    if ddp:
-        rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
-        if device.startswith('cuda'):
-            device = f'cuda:{local_rank}'
-            torch.cuda.set_device(device)
-        backend = cfg['backend'] if cfg['backend'] != 'auto' else ('nccl' if device.startswith('cuda') else 'gloo')
-        dist.init_process_group(backend=backend)
+    """Processes (under torchrun one per device), device, precision and seeds: the run's facts, to
+    which main() adds the model, the optimizer and the data."""
+    rank, local_rank, world_size, device = start_processes(pick_device(cfg['device']), cfg['backend'])
+    ddp = dist.is_initialized()  # under torchrun, even with one process
     accum = cfg['gradient_accumulation_steps']
     if accum % world_size:
         die(f"gradient_accumulation_steps={accum} must be divisible by the number of processes "
@@ -289,57 +192,6 @@ def read_resume_checkpoint(cfg, run, log):
     return ckpt
 
 
-def read_source_checkpoint(cfg, given, run, log):
-    """A fine-tune (--init_from=PATH or a GPT-2 name): the source's weights, and its shape into
-    cfg. A shape key set by a flag or config file must agree with the source, except dropout,
-    and block_size, which may shrink (the position table is cropped, as nanoGPT's crop_block_size)."""
-    source = cfg['init_from']
-    ckpt = read_checkpoint(source if os.path.exists(source) else download_gpt2(source))
-    theirs = {**{f.name: f.default for f in fields(GPTConfig)}, **ckpt['model_args']}
-    for k in MODEL_KEYS:
-        if k not in given:
-            cfg[k] = theirs[k]
-        elif k == 'block_size' and cfg[k] > theirs[k]:
-            die(f"block_size={cfg[k]} is larger than {source}'s {theirs[k]} positions: a fine-tune can only "
-                f"shrink the context; pass --block_size={theirs[k]} or less")
-        elif k not in ('dropout', 'block_size') and cfg[k] != theirs[k]:
-            die(f"{k}={cfg[k]} (set by a flag or config file) disagrees with {source}, whose {k} is {theirs[k]}: "
-                f"a fine-tune takes the model's shape from its source; drop {k} (only dropout and a smaller "
-                f"block_size may be set)")
-    state = clean_state_dict(ckpt['model'])
-    if 'transformer.wpe.weight' in state:
-        state['transformer.wpe.weight'] = state['transformer.wpe.weight'][:cfg['block_size']]
-    run.started_from = source
-    log(f"fine-tuning from {source}: {cfg['n_layer']} layers, {cfg['n_head']} heads, {cfg['n_embd']} wide, "
-        f"block_size {cfg['block_size']} (of {theirs['block_size']}), dropout {cfg['dropout']}")
-    return {'model': state, 'model_args': {**{k: cfg[k] for k in MODEL_KEYS}, 'vocab_size': theirs['vocab_size']}}
-
-
-def vocab_size_of(cfg, ckpt):
-    """The vocabulary: meta.json's for a new run; a checkpoint's on resume or a fine-tune, which
-    must cover the data's tokens."""
-    meta_vocab = load_meta(cfg['data_dir']).get('vocab_size')
-    if not isinstance(meta_vocab, int) or meta_vocab < 1:
-        die(f"{cfg['data_dir']}/meta.json has no valid vocab_size: re-run `python prepare.py --force`")
-    if ckpt is None:
-        return meta_vocab
-    if meta_vocab > ckpt['model_args']['vocab_size']:
-        where = cfg['out_dir'] if cfg['init_from'] == 'resume' else cfg['init_from']
-        die(f"{cfg['data_dir']}/meta.json describes a {meta_vocab}-token vocabulary, but the checkpoint in "
-            f"{where} has {ckpt['model_args']['vocab_size']}: train on data tokenized for that model (--data_dir)")
-    return ckpt['model_args']['vocab_size']
-
-
-def open_data(cfg, vocab_size):
-    """The train and val token memmaps, read-only; open_split checks them against meta.json."""
-    splits = {split: open_split(cfg['data_dir'], split, vocab_size) for split in ('train', 'val')}
-    for split, data in splits.items():
-        if len(data) <= cfg['block_size']:
-            die(f"{cfg['data_dir']}/{split}.bin holds {len(data)} tokens, fewer than block_size+1="
-                f"{cfg['block_size'] + 1}: prepare more text or lower --block_size")
-    return splits
-
-
 def build_model(cfg, run, ckpt, log):
     """run.model, run.optimizer (AdamW), run.scaler (fp16's): fresh, or as the checkpoint left them, and on
     resume every random stream, so the run continues exactly: nothing may draw from the restored streams
@@ -377,31 +229,6 @@ def log_row(cfg, run, row):
         run.wandb.log(wandb_row(row), step=row['iter'])
 
 
-def start_wandb(cfg, run):
-    """--wandb_log (rank 0): a W&B run with the resolved config, or on resume the checkpoint's
-    W&B run continued (its config updated: init_from and anything passed anew)."""
-    import wandb
-    resume = run.wandb_id is not None
-    try:
-        run.wandb = wandb.init(project=cfg['wandb_project'], name=cfg['wandb_run_name'] or None, config=cfg,
-                               dir=cfg['out_dir'], id=run.wandb_id, resume='allow' if resume else None,
-                               allow_val_change=resume)
-    except Exception as e:  # no API key without a terminal to ask for one, no network, ...
-        die(f"W&B could not start a run ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): "
-            f"run `wandb login` (or set WANDB_API_KEY), or WANDB_MODE=offline to log locally")
-    run.wandb_id = run.wandb.id
-
-
-def wandb_row(row):
-    """A log.jsonl row under W&B names: an evaluation's as nanoGPT logs them (train/loss,
-    val/loss, lr, mfu, ...), a step's batch loss and LR under step/ (the evaluation at the same
-    iter reports the next step's LR under lr)."""
-    if 'loss' in row:  # a step's row
-        return {'iter': row['iter'], 'tokens': row['tokens'], 'step/loss': row['loss'], 'step/lr': row['lr']}
-    names = {'train_loss': 'train/loss', 'val_loss': 'val/loss'}
-    return {names.get(k, k): v for k, v in row.items()}
-
-
 def rng_states(run):
     """Every rank's random streams (dropout, data windows), so resume repeats them exactly."""
     mine = {'torch': torch.get_rng_state(), 'data': run.data_gen.get_state(),
@@ -414,11 +241,8 @@ def rng_states(run):
 
 
 def save_checkpoint(cfg, run, it, best_val_loss, rng=None):
-    """best_model_params.pt (weights only) without rng; ckpt.pt, all a resume needs, with rng
-    (every rank's random streams, from rng_states).
-    budget_fixed: config's max_iters was fitted by --max_minutes (a resume keeps it);
-    wandb_run_id: the W&B run that a resume continues (None without --wandb_log);
-    started_from: a fine-tune's source, the --init_from it began with (None from scratch)."""
+    """best_model_params.pt (weights only) without rng; with rng (every rank's random streams) ckpt.pt:
+    all a resume needs, the --max_minutes fit, the W&B run and a fine-tune's source included."""
     state = {'model': run.model.state_dict(), 'model_args': run.model_args, 'config': cfg, 'iter_num': it,
              'best_val_loss': best_val_loss, 'budget_fixed': run.budget_fixed, 'wandb_run_id': run.wandb_id,
              'started_from': run.started_from}
@@ -454,10 +278,8 @@ def stop_and_save(cfg, run, it, best_val_loss):
 
 
 def evaluate(cfg, run, it, best_val_loss, row):
-    """Every eval_interval steps (rank 0 evaluates): losses to stdout and log.jsonl, the best
-    weights to best_model_params.pt, and ckpt.pt (iter 0 included: a cheap resume point, and
-    --max_minutes times an evaluation with its checkpoint there). row: the log row's timing
-    figures. Returns (the best val loss so far, seconds the loss estimate took)."""
+    """Rank 0: losses to stdout and log.jsonl (with row, the timing), the best weights, and ckpt.pt (iter 0
+    too: a resume point, and what --max_minutes times). Returns (best val loss, seconds of the estimate)."""
     rng = rng_states(run)  # every rank takes part in gathering them
     if not run.master:
         return best_val_loss, 0.0
@@ -496,56 +318,6 @@ def step_result(cfg, run, loss, it):
         die(f"loss is {lossf} at iter {it}: training diverged. The last good checkpoint in "
             f"{cfg['out_dir']} stays; resume from it with a lower --learning_rate or --grad_clip")
     return lossf, stop
-
-
-def decode_seconds(run):
-    """Seconds per token of batch-1 decoding with the KV cache, as the report's stories run,
-    from 16 timed tokens; drawn outside the run's random streams so they stay as they were."""
-    with torch.random.fork_rng(), run.ctx:
-        run.model.eval()
-        idx = torch.zeros((1, 1), dtype=torch.long, device=run.device)
-        generate(run.model, idx, 2)  # first-call allocations
-        t0 = time.time()
-        generate(run.model, idx, 16)
-        seconds = (time.time() - t0) / 16
-        run.model.train()
-    return seconds
-
-
-def fit_to_budget(cfg, run, it, step_times, eval_costs):
-    """--max_minutes, after CALIBRATION_STEPS steps: the max_iters at which the steps left, their evaluations
-    + checkpoints and the report card end max_minutes after train.py started, from costs timed in this run:
-    a step (step_times), an evaluation with its checkpoint (eval_costs: iter 0's seconds, all and the loss
-    estimate's), the report's full pass (val.bin at the evaluation's tokens/s) and its stories (a timed
-    decoding step). Rank 0 decides; every rank gets the same max_iters, and the warmup is cut to fit."""
-    step_s = statistics.median(step_times[1:])  # not the first (allocations); one slowed by a neighbour does not count
-    max_iters = cfg['max_iters']
-    if run.master:
-        eval_tokens = 2 * cfg['eval_iters'] * cfg['batch_size'] * cfg['block_size']
-        if eval_costs is None:  # resumed before the budget was fitted: no iter-0 evaluation in this process
-            eval_costs = (step_s * eval_tokens / (run.tokens_per_iter / run.world_size),) * 2
-        eval_s, loss_s = eval_costs
-        report_s = 0.0
-        if cfg['report']:
-            # eval.py --report: ~3 s to start (Python, torch, the checkpoint), a full pass over val.bin,
-            # then 10 stories of up to 200 tokens (its defaults)
-            report_s = 3.0 + len(run.splits['val']) * loss_s / eval_tokens + 10 * 200 * decode_seconds(run)
-        left = cfg['max_minutes'] * 60 - (time.time() - run.t0)
-        steps = (left - report_s - eval_s) / (step_s + eval_s / cfg['eval_interval'])
-        max_iters = it + max(1, int(steps))
-        print(f"--max_minutes={cfg['max_minutes']:g}: max_iters={max_iters} ({step_s * 1000:.0f} ms per step, "
-              f"{eval_s:.1f} s per evaluation + checkpoint every {cfg['eval_interval']} steps, "
-              f"~{report_s:.0f} s for the report; {left / 60:.1f} of {cfg['max_minutes']:g} min left)", flush=True)
-    if run.ddp:
-        box = [max_iters]
-        dist.broadcast_object_list(box, src=0)
-        max_iters = box[0]
-    cfg['max_iters'], run.budget_fixed = max_iters, True
-    warning = cut_warmup(cfg)
-    if warning and run.master:
-        print(warning)
-    if run.wandb:
-        run.wandb.config.update({k: cfg[k] for k in ('max_iters', 'warmup_iters')}, allow_val_change=True)
 
 
 def train_loop(cfg, run, it, best_val_loss, elapsed_before):
@@ -627,9 +399,12 @@ def main(argv=None):
     if cfg['init_from'] == 'resume':
         ckpt = read_resume_checkpoint(cfg, run, log)
     elif cfg['init_from'] != 'scratch':
-        ckpt = read_source_checkpoint(cfg, given, run, log)
-    run.model_args = {**{k: cfg[k] for k in MODEL_KEYS}, 'vocab_size': vocab_size_of(cfg, ckpt)}
-    run.splits = open_data(cfg, run.model_args['vocab_size'])
+        ckpt = finetune_source(cfg, given, log)
+        run.started_from = cfg['init_from']
+    where = cfg['out_dir'] if cfg['init_from'] == 'resume' else cfg['init_from']  # the checkpoint's
+    vocab_size = vocab_size_of(cfg['data_dir'], ckpt and ckpt['model_args']['vocab_size'], where)
+    run.model_args = {**{k: cfg[k] for k in MODEL_KEYS}, 'vocab_size': vocab_size}
+    run.splits = open_splits(cfg['data_dir'], vocab_size, cfg['block_size'])
     log("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in sorted(cfg.items())))
 
     # model and optimizer, fresh or as the checkpoint left them
@@ -651,7 +426,8 @@ def main(argv=None):
     training = run.master and not cfg['eval_only']
     elapsed_before = start_log(cfg['out_dir'], start_iter, cfg['init_from']) if training else 0.0
     if training and cfg['wandb_log']:
-        start_wandb(cfg, run)
+        run.wandb = start_wandb(cfg, run.wandb_id)
+        run.wandb_id = run.wandb.id
     signal.signal(signal.SIGINT, partial(request_stop, run))
     signal.signal(signal.SIGTERM, partial(request_stop, run))
     it, best_val_loss = train_loop(cfg, run, start_iter, best_val_loss, elapsed_before)
