@@ -1,18 +1,14 @@
 """bench.py: every mode runs on a tiny config, prints its header and figures; the limits
 it compares against follow the code they bound."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import one_line_error, run_script
 from engine import window_steps
 from model import GPT, GPTConfig
 
-REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = ['--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=16', '--threads=1']
 TINY_PEAK = ['--gemm_size=128', '--copy_mb=4', '--repeats=1']
 
@@ -20,9 +16,8 @@ TINY_PEAK = ['--gemm_size=128', '--copy_mb=4', '--repeats=1']
 def run_bench(tmp_path, *args):
     """bench.py in a subprocess; returns (completed process, its --json figures)."""
     out = tmp_path / 'bench.json'
-    env = dict(os.environ, TMPDIR=str(tmp_path))  # prepare's temp copy goes here: we check it is removed
-    r = subprocess.run([sys.executable, 'bench.py', *args, f'--json={out}'], cwd=REPO, capture_output=True,
-                       text=True, env=env, timeout=120)
+    # TMPDIR: prepare's temp copy goes here, where the test checks it is removed
+    r = run_script('bench.py', *args, f'--json={out}', env={'TMPDIR': tmp_path})
     assert r.returncode == 0, r.stderr
     return r, json.loads(out.read_text())
 
@@ -105,10 +100,7 @@ def test_bad_options_fail_in_one_line(tmp_path):
     for args, words in ((['--what=fly'], 'peak, train, sample, prepare'),
                         (['--what=sample', '--batches=0'], '--batches'),
                         (['--what=prepare', '--text=/nonexistent.txt'], 'not found')):
-        r = subprocess.run([sys.executable, 'bench.py', *args], cwd=REPO, capture_output=True, text=True,
-                           env=os.environ, timeout=60)
-        assert r.returncode == 1 and r.stderr.startswith('error:') and words in r.stderr
-        assert len(r.stderr.strip().splitlines()) == 1
+        assert words in one_line_error(run_script('bench.py', *args))
 
 
 @pytest.mark.parametrize('prompt_len, n, expected', [

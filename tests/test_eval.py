@@ -2,8 +2,6 @@
 import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,22 +10,15 @@ import torch.nn.functional as F
 
 import checkpoints
 import common
-from conftest import error_of
+from conftest import error_of, one_line_error, run_script, tiny_checkpoint
 from data import EOT_TOKEN, get_tokenizer
 import eval as ev
-from model import GPT, GPTConfig
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(vocab_size=50257, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.1, bias=True)
+TINY = dict(block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.1, bias=True)  # GPT-2's vocabulary
 
 
 def save_tiny_ckpt(path, data_dir='data/tinystories', **overrides):
-    torch.manual_seed(0)
-    args = dict(TINY, **overrides)
-    model = GPT(GPTConfig(**args), verbose=False)
-    common.torch_save({'model': model.state_dict(), 'model_args': args, 'iter_num': 40,
-                       'best_val_loss': 9.5, 'config': {'data_dir': str(data_dir), 'batch_size': 4}}, path)
-    return model
+    return tiny_checkpoint(path, config={'data_dir': str(data_dir), 'batch_size': 4}, **{**TINY, **overrides})
 
 
 def write_bin(folder, tokens, text_bytes=None, split='val'):
@@ -38,11 +29,6 @@ def write_bin(folder, tokens, text_bytes=None, split='val'):
     common.save_json({'tokenizer': 'gpt2', 'vocab_size': 50257, 'eot_token': EOT_TOKEN, 'dtype': 'uint16',
                       'splits': {split: info}}, os.path.join(folder, 'meta.json'))
     return os.path.join(folder, f'{split}.bin')
-
-
-def run_eval(*args):
-    return subprocess.run([sys.executable, 'eval.py', *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
 
 
 @pytest.fixture(scope='module')
@@ -116,7 +102,7 @@ def test_cli_prints_the_figures(tmp_path):
     save_tiny_ckpt(tmp_path / 'best_model_params.pt')
     tokens = np.random.default_rng(3).integers(0, 50257, size=200)
     bin_path = write_bin(tmp_path / 'data', tokens, text_bytes=800)
-    r = run_eval(f'--ckpt={tmp_path}/best_model_params.pt', f'--data={bin_path}', '--num_samples=0')
+    r = run_script('eval.py', f'--ckpt={tmp_path}/best_model_params.pt', f'--data={bin_path}', '--num_samples=0')
     assert r.returncode == 0, r.stderr
     figures = {line.split()[0]: line.split()[1] for line in r.stdout.splitlines() if line.strip()}
     loss, bpb = float(figures['loss']), float(figures['bits/byte'])
@@ -238,5 +224,5 @@ def test_bad_input_is_one_line(tmp_path, tiny):
     assert '--top_p=1.5 must be in (0, 1]' in error_of(ev.main, [c, f'--data={good}', '--top_p=1.5'])
     assert 'not both' in error_of(ev.main, [c, f'--data={good}', f'--text_files={tmp_path}/blank.txt'])
 
-    r = run_eval(f'--ckpt={tmp_path}/nope.pt')  # and as a user sees it: exit 1, one line, no traceback
-    assert r.returncode == 1 and r.stderr.strip().count('\n') == 0 and 'no checkpoint at' in r.stderr
+    r = run_script('eval.py', f'--ckpt={tmp_path}/nope.pt')  # and as a user sees it: exit 1, one line, no traceback
+    assert 'no checkpoint at' in one_line_error(r)

@@ -2,8 +2,6 @@
 tokens) and back (same weights); bad input stops with one line."""
 import json
 import os
-import subprocess
-import sys
 from dataclasses import asdict
 
 import pytest
@@ -15,12 +13,13 @@ transformers = pytest.importorskip('transformers')  # a test-only dependency
 
 import checkpoints  # noqa: E402
 import common  # noqa: E402
+from conftest import error_of, one_line_error, run_script  # noqa: E402
 from data import EOT_TOKEN, get_tokenizer  # noqa: E402
 import export  # noqa: E402
 import hf  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OFFLINE = {'HF_HUB_OFFLINE': '1'}  # export.py run as a user runs it, never touching the network
 EOT = EOT_TOKEN
 TINY = dict(block_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.1)  # GPT-2 vocab: the tokenizer ships too
 
@@ -32,17 +31,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def run_script(*args):
-    env = dict(os.environ, HF_HUB_OFFLINE='1')
-    return subprocess.run([sys.executable, 'export.py', *args], cwd=REPO, env=env, capture_output=True, text=True)
-
-
-def one_line_error(exc_or_text):
-    msg = str(exc_or_text.code if hasattr(exc_or_text, 'code') else exc_or_text).strip()
-    assert msg.startswith('error: ') and '\n' not in msg, msg
-    return msg
 
 
 def load_hf(folder):
@@ -164,7 +152,7 @@ def test_random_model_exports_exactly(tmp_path, bias):
 def test_trained_checkpoint_cli_export_and_tokenizer(tmp_path, trained, stories_dir):
     model, ckpt_path, losses = trained
     out = tmp_path / 'export' / 'slm-hf'
-    r = run_script(f'--ckpt={ckpt_path}', f'--out={out}')
+    r = run_script('export.py', f'--ckpt={ckpt_path}', f'--out={out}', env=OFFLINE)
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(out)) == ['README.md', 'config.json', 'generation_config.json', 'merges.txt',
                                        'model.safetensors', 'tokenizer_config.json', 'vocab.json']
@@ -188,8 +176,9 @@ def test_trained_checkpoint_cli_export_and_tokenizer(tmp_path, trained, stories_
     assert f"{losses[29]:.4f}" in card and 'data/tinystories' in card and '| 2 | 2 | 32 | 64 | 50257' in card
 
     # a second export into the same folder needs --force, then replaces it
-    r = run_script(f'--ckpt={ckpt_path}', f'--out={out}')
-    assert r.returncode == 1 and 'already exists' in one_line_error(r.stderr) and '--force' in r.stderr
+    r = run_script('export.py', f'--ckpt={ckpt_path}', f'--out={out}', env=OFFLINE)
+    msg = one_line_error(r)
+    assert 'already exists' in msg and '--force' in msg
     (out / 'stale.txt').write_text('x')
     export.main([f'--ckpt={ckpt_path}', f'--out={out}', '--force'])
     assert not (out / 'stale.txt').exists() and os.listdir(out.parent) == ['slm-hf']
@@ -236,15 +225,13 @@ def test_bad_inputs(tmp_path, trained):
     model, ckpt_path, _ = trained
     good = torch.load(ckpt_path, weights_only=True)
 
-    with pytest.raises(SystemExit) as e:
-        export.main([f'--ckpt={tmp_path}/nope.pt', f'--out={tmp_path}/x'])
-    assert 'no checkpoint at' in one_line_error(e.value) and not (tmp_path / 'x').exists()
+    assert 'no checkpoint at' in error_of(export.main, [f'--ckpt={tmp_path}/nope.pt', f'--out={tmp_path}/x'])
+    assert not (tmp_path / 'x').exists()
 
     def fails(checkpoint, out=None, **kw):
-        with pytest.raises(SystemExit) as e:
-            export.export(checkpoint, out or tmp_path / 'bad', **kw)
+        msg = error_of(export.export, checkpoint, out or tmp_path / 'bad', **kw)
         assert not (tmp_path / 'bad').exists()
-        return one_line_error(e.value)
+        return msg
 
     sd = good['model']
     assert 'not GPT-2-shaped' in fails({'model': sd, 'model_args': {**good['model_args'], 'n_kv_head': 1}})
@@ -272,15 +259,12 @@ def test_bad_inputs(tmp_path, trained):
         folder = tmp_path / name
         folder.mkdir()
         (folder / 'config.json').write_text(json.dumps({**hf.hf_config(good['model_args'], 'float32'), **change}))
-        with pytest.raises(SystemExit) as e:
-            checkpoints.read_checkpoint(str(folder))
-        assert name in one_line_error(e.value) or 'tie_word_embeddings' in str(e.value.code)
+        msg = error_of(checkpoints.read_checkpoint, str(folder))
+        assert name in msg or 'tie_word_embeddings' in msg
     empty = tmp_path / 'noweights'
     empty.mkdir()
     (empty / 'config.json').write_text(json.dumps(hf.hf_config(good['model_args'], 'float32')))
-    with pytest.raises(SystemExit) as e:
-        checkpoints.read_checkpoint(str(empty))
-    assert 'no model.safetensors' in one_line_error(e.value)
+    assert 'no model.safetensors' in error_of(checkpoints.read_checkpoint, str(empty))
 
 
 def test_interrupted_export_leaves_no_folder(tmp_path, trained, monkeypatch):

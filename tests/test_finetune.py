@@ -5,8 +5,6 @@ a stopped fine-tune resumes bit for bit; a hub name offline stops with one line.
 config/finetune_tinystories.py as shipped, sizes shrunk (the source model is tiny)."""
 import os
 import re
-import subprocess
-import sys
 from dataclasses import asdict
 
 import numpy as np
@@ -19,9 +17,9 @@ os.environ['TRANSFORMERS_VERBOSITY'] = 'error'
 transformers = pytest.importorskip('transformers')  # a test-only dependency
 
 import train  # noqa: E402
-from conftest import REPO, prepare_stories, script_env  # noqa: E402
+from conftest import (assert_same_state, one_line_error, prepare_stories, read_log, run_script,  # noqa: E402
+                      run_until_sigterm)
 from model import GPT, GPTConfig  # noqa: E402
-from test_train import assert_same_state, read_log  # noqa: E402
 
 FINETUNE = 'config/finetune_tinystories.py'
 # sizes only: the source model is tiny, so are its batches; the config's schedule, evaluation
@@ -31,11 +29,13 @@ SHRINK = ['--batch_size=4', '--gradient_accumulation_steps=2', '--block_size=32'
 SEED, EVAL_ITERS, BATCH, BLOCK = 1337, 2, 4, 32
 
 
-def finetune(source, data_dir, out_dir, *args, env=None, timeout=300):
-    cmd = [sys.executable, 'train.py', FINETUNE, f'--init_from={source}', f'--data_dir={data_dir}',
-           f'--out_dir={out_dir}', *SHRINK, *args]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env or script_env(), timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+def finetune_args(source, data_dir, out_dir, *args):
+    """train.py's arguments for a fine-tune of source: the config as shipped, its sizes shrunk."""
+    return [FINETUNE, f'--init_from={source}', f'--data_dir={data_dir}', f'--out_dir={out_dir}', *SHRINK, *args]
+
+
+def finetune(source, data_dir, out_dir, *args, **kw):
+    return run_script('train.py', *finetune_args(source, data_dir, out_dir, *args), **kw)
 
 
 @pytest.fixture(scope='module')
@@ -89,9 +89,8 @@ def assert_trained_and_samples(out_dir, stdout):
     assert rows[-1]['val_loss'] < rows[0]['val_loss'] and rows[-1]['train_loss'] < rows[0]['train_loss']
     ckpt = torch.load(out_dir / 'best_model_params.pt', weights_only=True)
     assert ckpt['model_args']['block_size'] == BLOCK and ckpt['model']['transformer.wpe.weight'].shape[0] == BLOCK
-    s = subprocess.run([sys.executable, 'sample.py', f'--out_dir={out_dir}', '--start=Once upon a time',
-                        '--num_samples=1', '--max_new_tokens=8'],
-                       cwd=REPO, capture_output=True, text=True, env=script_env(), timeout=120)
+    s = run_script('sample.py', f'--out_dir={out_dir}', '--start=Once upon a time', '--num_samples=1',
+                   '--max_new_tokens=8')
     assert s.returncode == 0, s.stderr
     assert 'Once upon a time' in s.stdout
 
@@ -124,8 +123,7 @@ def test_from_an_export_py_folder(data_dir, tmp_path):
             if name.endswith('bias'):
                 p.add_(0.1 * torch.randn_like(p))
     torch.save({'model': model.state_dict(), 'model_args': asdict(config)}, tmp_path / 'slm.pt')
-    e = subprocess.run([sys.executable, 'export.py', f'--ckpt={tmp_path / "slm.pt"}', f'--out={tmp_path / "hf"}'],
-                       cwd=REPO, capture_output=True, text=True, env=script_env(), timeout=120)
+    e = run_script('export.py', f'--ckpt={tmp_path / "slm.pt"}', f'--out={tmp_path / "hf"}')
     assert e.returncode == 0, e.stderr
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'hf').eval()
     out = tmp_path / 'out'
@@ -191,23 +189,12 @@ def test_from_a_nanogpt_checkpoint_and_a_stopped_fine_tune_resumes_exactly(data_
     assert ckpt['iter_num'] == 12 and ckpt['model_args']['vocab_size'] == 50304 and ckpt['model_args']['dropout'] == 0.1
 
     stopped = tmp_path / 'stopped'
-    cmd = [sys.executable, 'train.py', FINETUNE, f'--init_from={tmp_path / "nanogpt.pt"}', f'--data_dir={data_dir}',
-           f'--out_dir={stopped}', *SHRINK, '--dropout=0.1']
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=script_env())
-    try:
-        for line in proc.stdout:
-            if line.startswith('iter 5/'):
-                proc.send_signal(15)
-                break
-        proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 143
+    args = finetune_args(tmp_path / 'nanogpt.pt', data_dir, stopped, '--dropout=0.1')
+    _, _, returncode = run_until_sigterm('iter 5/', 'train.py', *args)
+    assert returncode == 143
     at = torch.load(stopped / 'ckpt.pt', weights_only=True)['iter_num']
     assert 5 <= at < 12
-    resumed = subprocess.run([*cmd, '--init_from=resume'], cwd=REPO, capture_output=True, text=True,
-                             env=script_env(), timeout=300, stdin=subprocess.DEVNULL)
+    resumed = run_script('train.py', *args, '--init_from=resume')
     assert resumed.returncode == 0, resumed.stderr
     assert f'resuming from {stopped}/ckpt.pt at iter {at}' in resumed.stdout
     assert_same_state(straight, stopped)
@@ -215,11 +202,9 @@ def test_from_a_nanogpt_checkpoint_and_a_stopped_fine_tune_resumes_exactly(data_
 
 
 def test_a_hub_name_offline_stops_with_one_line_and_writes_nothing(data_dir, tmp_path):
-    env = dict(script_env(), HF_HUB_OFFLINE='1', HF_HOME=str(tmp_path / 'hf-home'))
-    r = finetune('gpt2', data_dir, tmp_path / 'out', env=env)
-    assert r.returncode != 0
-    err = r.stderr.strip()
-    assert err.startswith('error: could not download gpt2 from the Hugging Face hub') and '\n' not in err, err
+    r = finetune('gpt2', data_dir, tmp_path / 'out', env={'HF_HUB_OFFLINE': '1', 'HF_HOME': tmp_path / 'hf-home'})
+    err = one_line_error(r)
+    assert err.startswith('error: could not download gpt2 from the Hugging Face hub'), err
     assert '--init_from=FOLDER' in err
     assert not (tmp_path / 'out').exists()
 

@@ -10,23 +10,20 @@ import os
 import resource
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import one_line_error, run_script
 
 
-def run(script, *args, limit=None, timeout=180, **env):
-    """script as a user runs it; with limit, no file may grow past limit bytes (its writes fail
-    with EFBIG there, as on a full disk). One thread: a tiny model runs steadier on a shared CPU."""
+def run(script, *args, limit=None):
+    """script as a user runs it (run_script); with limit, no file may grow past limit bytes (its
+    writes fail with EFBIG there, as on a full disk)."""
     def cap():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=timeout, preexec_fn=cap if limit else None,
-                          env=dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', **env))
+    return run_script(script, *args, preexec_fn=cap if limit else None)
 
 
 def snapshot(folder):
@@ -35,13 +32,10 @@ def snapshot(folder):
 
 
 def assert_stops_cleanly(r, path, folder):
-    """Exit code != 0, stderr one line naming path and the cause, no traceback, no temp file in folder."""
-    assert r.returncode != 0, r.stdout
-    assert 'Traceback' not in r.stderr, r.stderr
-    lines = r.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith('error: '), r.stderr
-    assert f"cannot write {path}: " in lines[0], lines[0]
-    assert 'file too large' in lines[0] or 'no space' in lines[0], lines[0]
+    """Exit code 1, stderr one line naming path and the cause, no traceback, no temp file in folder."""
+    line = one_line_error(r)
+    assert f"cannot write {path}: " in line, line
+    assert 'file too large' in line or 'no space' in line, line
     assert not glob.glob(os.path.join(folder, '**', '*.tmp*'), recursive=True)
 
 

@@ -2,7 +2,7 @@
 reworked: every mode (kv cache, no cache, fast_window, compiled), greedy and sampled, batch 1
 and 3 with rows stopping at eot, inside and past block_size, against tests/generation_reference.json.
 
-The model is tiny, seeded and its weights are scaled up (as test_model.tiny_model), so that the
+The model is tiny, seeded and its weights are scaled up (as test_engine.tiny_model), so that the
 logits are far apart: float summation differences between CPUs cannot flip a token.
 To re-record (only when generation is meant to change):  python tests/test_generation_reference.py --write
 """

@@ -1,8 +1,8 @@
 """SLM.ipynb executed as a user runs it: nbclient starts the python3 kernel in the repository
 folder and runs every cell, which drive the scripts. The one change: after the first cell (the
 recipe for this machine: on a CPU, config/tinystories_cpu.py and its 15-minute budget), a cell
-appends flags that shrink that recipe line (tests/test_configs.py's SHRINK: sizes, a 1-minute
-budget or a short --max_iters; sizes only, as tests/conftest.py allows) and sets temp folders
+appends flags that shrink that recipe line (tests/conftest.py's SHRINK, as in test_configs.py:
+sizes, a 1-minute budget or a short --max_iters; sizes only, as conftest.py allows) and sets temp folders
 for data and output. So the notebook's own recipe runs, its schedule keys included, and the LR
 it logs must end at min_lr. The notebook finds ../shared's stories and tokenizer files itself,
 as offline users' notebooks do."""
@@ -12,8 +12,7 @@ import torch
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-from conftest import REPO
-from test_configs import assert_lr_schedule_ends_at_min_lr, notebook_recipes, shrink_flags
+from conftest import REPO, assert_lr_schedule_ends_at_min_lr, notebook_recipes, shrink_flags
 
 # the budget the CPU recipe gets here: the report card (a full pass over val.bin and ten stories,
 # ~25 s whatever the model) is part of it, as in the 15-minute run

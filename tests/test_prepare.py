@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -15,23 +14,9 @@ import pytest
 
 from data import EOT_TOKEN, encode_stories, get_tokenizer, open_split, read_chunks, read_stories, split_stories
 import prepare
-from conftest import error_of
+from conftest import error_of, one_line_error, run_script, start_script
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEP = '<|endoftext|>'
-
-
-def run_prepare(*args, env=None, timeout=120):
-    """python prepare.py ARGS from the repo root; returns the CompletedProcess."""
-    return subprocess.run([sys.executable, 'prepare.py', *args], cwd=REPO, capture_output=True, text=True,
-                          env=env, timeout=timeout)
-
-
-def one_line_error(result):
-    assert result.returncode != 0, result.stdout
-    err = result.stderr.strip()
-    assert err.startswith('error: ') and '\n' not in err, err  # one line, no traceback
-    return err
 
 
 def stripped_stories(path):
@@ -53,7 +38,7 @@ def files_args(stories_dir, out_dir, train='train.txt', val='validation.txt'):
 def prepared(stories_dir, tmp_path_factory):
     """The real sample prepared once through the command line."""
     out = tmp_path_factory.mktemp('prepared')
-    result = run_prepare(*files_args(stories_dir, out))
+    result = run_script('prepare.py', *files_args(stories_dir, out))
     assert result.returncode == 0, result.stderr
     return out, result.stdout
 
@@ -125,12 +110,12 @@ def test_encode_stories_matches_encode_ordinary():
 def test_rerun_is_a_noop_and_force_rebuilds(stories_dir, tmp_path):
     out = tmp_path / 'data'
     args = files_args(stories_dir, out, train='sample5.txt', val='sample5.txt')
-    assert run_prepare(*args).returncode == 0
+    assert run_script('prepare.py', *args).returncode == 0
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.iterdir()}
-    again = run_prepare(*args)
+    again = run_script('prepare.py', *args)
     assert again.returncode == 0 and 'already prepared' in again.stdout and 'done:' not in again.stdout
     assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.iterdir()} == before
-    forced = run_prepare(*args, '--force')
+    forced = run_script('prepare.py', *args, '--force')
     assert forced.returncode == 0 and 'done:' in forced.stdout
     after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.iterdir()}
     assert sorted(after) == ['meta.json', 'train.bin', 'val.bin'] and after != before
@@ -206,11 +191,11 @@ def test_killed_run_leaves_no_meta_and_the_next_run_recovers(stories_dir, tmp_pa
             "prepare.write_split = killed\n"
             "prepare.main(sys.argv[1:])\n")
     args = files_args(stories_dir, out) + ['--num_proc=1']
-    killed = subprocess.run([sys.executable, '-c', code, *args], cwd=REPO, capture_output=True, text=True)
+    killed = run_script('-c', code, *args)
     assert killed.returncode == -signal.SIGKILL
     left = os.listdir(out)
     assert 'meta.json' not in left and any('.tmp' in name for name in left), left
-    again = run_prepare(*args)
+    again = run_script('prepare.py', *args)
     assert again.returncode == 0 and 'interrupted run' in again.stdout
     assert sorted(os.listdir(out)) == ['meta.json', 'train.bin', 'val.bin']
     assert prepare.complete_meta(str(out))['splits']['train']['stories'] == 2800
@@ -234,18 +219,18 @@ def bad_inputs(tmp_path, stories_dir):
 def test_bad_input_gives_one_line_and_no_output(case, tmp_path, stories_dir):
     args, message = bad_inputs(tmp_path, stories_dir)[case]
     out = tmp_path / 'out' / 'data'
-    assert message in one_line_error(run_prepare(*args, f'--out_dir={out}'))
+    assert message in one_line_error(run_script('prepare.py', *args, f'--out_dir={out}'))
     assert not (tmp_path / 'out').exists()  # found while tokenizing: the folders made are removed again
 
 
 def test_bad_input_on_force_keeps_the_old_output(tmp_path, stories_dir):
     out = tmp_path / 'out'
     good = str(stories_dir / 'sample5.txt')
-    assert run_prepare(f'--train_files={good}', f'--val_files={good}', f'--out_dir={out}').returncode == 0
+    assert run_script('prepare.py', f'--train_files={good}', f'--val_files={good}', f'--out_dir={out}').returncode == 0
     old = prepare.complete_meta(str(out))
     (tmp_path / 'bad.txt').write_bytes(b'\xff\xfe broken')
     args = [f'--train_files={good}', f'--val_files={tmp_path}/bad.txt', f'--out_dir={out}', '--force']
-    assert 'UTF-8' in one_line_error(run_prepare(*args))
+    assert 'UTF-8' in one_line_error(run_script('prepare.py', *args))
     assert prepare.complete_meta(str(out)) == old and sorted(os.listdir(out)) == ['meta.json', 'train.bin', 'val.bin']
 
 
@@ -318,8 +303,9 @@ def closed_port():
 
 
 def offline_env(tmp_path, **extra):
-    env = {k: v for k, v in os.environ.items() if 'proxy' not in k.lower() and not k.startswith('HF_')}
-    env.update(HF_HOME=str(tmp_path / 'hf-home'), **extra)  # an empty Hugging Face cache
+    """run_script's env: no proxy and no HF_ variable (None removes one); an empty Hugging Face cache."""
+    env = {k: None for k in os.environ if 'proxy' in k.lower() or k.startswith('HF_')}
+    env.update(HF_HOME=str(tmp_path / 'hf-home'), **extra)
     return env
 
 
@@ -328,7 +314,7 @@ def test_unreachable_hub_fails_fast_naming_the_offline_routes(tmp_path):
     with sock:  # the hub "lives" on a refused local port: the network is never touched
         env = offline_env(tmp_path, HF_ENDPOINT=f'http://127.0.0.1:{port}')
         t0 = time.time()
-        result = run_prepare(f'--out_dir={tmp_path}/data', env=env)
+        result = run_script('prepare.py', f'--out_dir={tmp_path}/data', env=env)
     err = one_line_error(result)
     assert time.time() - t0 < 20  # not datasets' ~25 s of retries
     assert 'cannot reach the Hugging Face hub' in err
@@ -363,7 +349,7 @@ def test_offline_prepare_uses_the_hugging_face_cache_of_an_earlier_run(stories_d
     with sock:
         env['HF_ENDPOINT'] = f'http://127.0.0.1:{port}'
         t0 = time.time()
-        result = run_prepare(f'--out_dir={tmp_path}/data', env=env)
+        result = run_script('prepare.py', f'--out_dir={tmp_path}/data', env=env)
     assert result.returncode == 0, result.stderr
     assert time.time() - t0 < 30  # straight to the cache, not after datasets' ~50 s of retries
     meta = json.loads((tmp_path / 'data' / 'meta.json').read_text())
@@ -387,7 +373,8 @@ def test_missing_tokenizer_files_fail_with_the_tiktoken_cache_hint(tmp_path, sto
     with sock:  # an empty tiktoken cache and a refused local proxy: the BPE download fails at once
         env = offline_env(tmp_path, TIKTOKEN_CACHE_DIR=str(tmp_path / 'empty-cache'),
                           HTTPS_PROXY=f'http://127.0.0.1:{port}', HTTP_PROXY=f'http://127.0.0.1:{port}')
-        result = run_prepare(*files_args(stories_dir, tmp_path / 'data', 'sample5.txt', 'sample5.txt'), env=env)
+        result = run_script('prepare.py', *files_args(stories_dir, tmp_path / 'data', 'sample5.txt', 'sample5.txt'),
+                            env=env)
     err = one_line_error(result)
     assert 'GPT-2 tokenizer' in err and 'TIKTOKEN_CACHE_DIR' in err
     assert not (tmp_path / 'data').exists()
@@ -402,7 +389,7 @@ def test_hub_code_path_on_a_local_dataset_folder(stories_dir, tmp_path, prepared
         rows = [json.dumps({'text': f'\n{s}  \n'}) for s in stripped_stories(stories_dir / name)]
         (folder / f'{split}.jsonl').write_text('\n'.join(rows + [json.dumps({'text': '   '})]) + '\n')
     out = tmp_path / 'data'
-    result = run_prepare(f'--dataset={folder}', f'--out_dir={out}', env=offline_env(tmp_path))
+    result = run_script('prepare.py', f'--dataset={folder}', f'--out_dir={out}', env=offline_env(tmp_path))
     assert result.returncode == 0, result.stderr
     meta = json.loads((out / 'meta.json').read_text())
     reference = json.loads((prepared[0] / 'meta.json').read_text())
@@ -454,8 +441,7 @@ def test_workers_exit_when_the_main_process_is_killed(stories_dir, tmp_path):
     big = tmp_path / 'big.txt'
     big.write_bytes((stories_dir / 'train.txt').read_bytes() * 10)  # ~23 MB: many seconds of tokenizing
     args = [f'--train_files={big}', f'--val_files={big}', f'--out_dir={tmp_path}/data', '--num_proc=2']
-    main = subprocess.Popen([sys.executable, 'prepare.py', *args], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    main = start_script('prepare.py', *args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     workers = []
     try:
         deadline = time.time() + 60

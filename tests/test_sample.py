@@ -1,20 +1,12 @@
 """sample.py end to end on a tiny checkpoint made here, and its one-line errors."""
 import io
-import os
-import subprocess
-import sys
-from dataclasses import asdict
-from pathlib import Path
 
 import pytest
-import torch
 
 import sample
-from common import torch_save
+from conftest import error_of, one_line_error, run_script, tiny_checkpoint
 from data import get_tokenizer
-from model import GPT, GPTConfig
 
-REPO = Path(__file__).resolve().parents[1]
 SEP = '\n---------------\n'
 
 
@@ -22,18 +14,8 @@ SEP = '\n---------------\n'
 def ckpt_path(tmp_path_factory):
     """A tiny random GPT over the real GPT-2 vocabulary, saved as a torch.compile'd model
     would be (keys prefixed _orig_mod.), in out_dir/best_model_params.pt."""
-    torch.manual_seed(0)
-    config = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32)
-    model = GPT(config, verbose=False)
-    out_dir = tmp_path_factory.mktemp('out')
-    state = {'_orig_mod.' + k: v for k, v in model.state_dict().items()}
-    torch_save({'model': state, 'model_args': asdict(config)}, out_dir / 'best_model_params.pt')
-    return out_dir / 'best_model_params.pt'
-
-
-def run_sample(*args):
-    return subprocess.run([sys.executable, 'sample.py', *args], cwd=REPO, capture_output=True,
-                          text=True, env=os.environ, timeout=120)
+    return tiny_checkpoint(tmp_path_factory.mktemp('out') / 'best_model_params.pt', prefix='_orig_mod.',
+                           block_size=32, n_layer=2, n_head=2, n_embd=32)
 
 
 def run_main(capsys, *args):
@@ -42,7 +24,7 @@ def run_main(capsys, *args):
 
 
 def test_end_to_end_streams_samples_from_out_dir(ckpt_path):
-    r = run_sample(f'--out_dir={ckpt_path.parent}', '--start=A little girl', '--num_samples=2',
+    r = run_script('sample.py', f'--out_dir={ckpt_path.parent}', '--start=A little girl', '--num_samples=2',
                    '--max_new_tokens=12', '--temperature=1.0')
     assert r.returncode == 0, r.stderr
     samples = r.stdout.split(SEP)
@@ -101,28 +83,23 @@ def test_text_is_streamed_whole_characters_at_a_time():
 @pytest.mark.parametrize('args, message', [
     (['--top_p=0'], 'error: --top_p=0.0 must be in (0, 1]'),
     (['--top_p=1.5'], 'error: --top_p=1.5 must be in (0, 1]'),
-    (['--temperature=-1'], 'error: --temperature=-1.0 must be a finite number >= 0'),
-    (['--top_k=-1'], 'error: --top_k=-1 must be a whole number >= 1, or 0 / None for all tokens'),
-    (['--num_samples=0'], 'error: --num_samples and --max_new_tokens must be at least 1'),
+    (['--temperature=-1'], 'error: --temperature=-1.0 must be in [0, inf)'),
+    (['--top_k=-1'], 'error: --top_k=-1 must be in [0, inf)'),
+    (['--num_samples=0'], 'error: --num_samples=0 must be in [1, inf)'),
     (['--colour=red'], 'error: unknown option --colour'),
     (['--start=FILE:/no/such/prompt.txt'], "error: cannot read the prompt file '/no/such/prompt.txt'"),
 ])
 def test_bad_options_stop_with_one_line(ckpt_path, args, message):
-    with pytest.raises(SystemExit) as e:
-        sample.main([f'--ckpt={ckpt_path}', *args])
-    assert str(e.value.code).startswith(message) and '\n' not in str(e.value.code)
+    assert error_of(sample.main, [f'--ckpt={ckpt_path}', *args]).startswith(message)
 
 
 def test_missing_checkpoint_says_run_train_first(tmp_path):
-    r = run_sample(f'--out_dir={tmp_path}')
-    assert r.returncode == 1
-    assert r.stderr.strip().splitlines() == [
-        f"error: no checkpoint at {tmp_path}/best_model_params.pt: run `python train.py` first (or pass --ckpt=PATH)"]
+    r = run_script('sample.py', f'--out_dir={tmp_path}')
+    assert one_line_error(r) == (
+        f"error: no checkpoint at {tmp_path}/best_model_params.pt: run `python train.py` first (or pass --ckpt=PATH)")
 
 
 def test_corrupt_checkpoint_is_one_line(tmp_path):
     bad = tmp_path / 'best_model_params.pt'
     bad.write_bytes(b'not a checkpoint at all')
-    with pytest.raises(SystemExit) as e:
-        sample.main([f'--ckpt={bad}'])
-    assert str(e.value.code).startswith(f"error: could not read checkpoint {bad} (corrupt")
+    assert error_of(sample.main, [f'--ckpt={bad}']).startswith(f"error: could not read checkpoint {bad} (corrupt")

@@ -9,8 +9,6 @@ import os
 import re
 import shutil
 import socket
-import subprocess
-import sys
 import time
 from dataclasses import asdict
 
@@ -18,8 +16,8 @@ import pytest
 import torch
 
 from common import torch_save
+from conftest import run_script, start_script, tiny_checkpoint
 from data import get_tokenizer
-from conftest import REPO
 from model import GPT, GPTConfig
 
 SEP = '\n---------------\n'
@@ -48,8 +46,7 @@ def ckpt_path(tmp_path_factory):
 
 def start_server(*args):
     """serve.py on a free port; returns (process, base URL) once it says where it listens."""
-    proc = subprocess.Popen([sys.executable, 'serve.py', '--port=0', *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED='1'))
+    proc = start_script('serve.py', '--port=0', *args)
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -75,8 +72,8 @@ def client(server):
 
 
 def run_sample(ckpt_path, *args):
-    r = subprocess.run([sys.executable, 'sample.py', f'--ckpt={ckpt_path}', *args], cwd=REPO,
-                       capture_output=True, text=True, timeout=120)
+    """sample.py's stories, in the server's environment (script_env: the same threads, the same sums)."""
+    r = run_script('sample.py', f'--ckpt={ckpt_path}', *args)
     assert r.returncode == 0, r.stderr
     return r.stdout.split(SEP)[:-1]
 
@@ -223,10 +220,8 @@ def stream_request(url, max_tokens, prompt='Once'):
 def slow_server(tmp_path_factory):
     """A model that never ends its stories and takes seconds for 1024 tokens, one story at a
     time and one waiting: for disconnects and the queue limit."""
-    torch.manual_seed(0)
-    config = GPTConfig(block_size=64, n_layer=4, n_head=4, n_embd=128)
-    path = tmp_path_factory.mktemp('slow') / 'model.pt'
-    torch_save({'model': GPT(config, verbose=False).state_dict(), 'model_args': asdict(config)}, path)
+    path = tiny_checkpoint(tmp_path_factory.mktemp('slow') / 'model.pt', block_size=64, n_layer=4, n_head=4,
+                           n_embd=128)
     proc, url, _ = start_server(f'--ckpt={path}', '--concurrency=1', '--queue=1')
     yield url
     proc.terminate()

@@ -11,19 +11,16 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 import train
-from conftest import prepare_stories, script_env
+from conftest import (REPO, assert_same_state, error_of, one_line_error, prepare_stories, read_log, run_script,
+                      run_until_sigterm)
 from model import GPT, GPTConfig
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = 'config/tiny.py'
 # config/tiny.py sets no schedule key, so the cosine ends at max_iters: a run cut short with
 # --max_iters=4 that is compared with run_a (or resumed to its 8 steps) keeps run_a's 8-step
@@ -34,45 +31,12 @@ RUN_A_SCHEDULE = '--lr_decay_iters=8'
 def run_train(*args, launcher=(), timeout=300, report=False):
     """train.py as a user runs it. The report card at the end (eval.py's full pass and ten
     stories: ~30 s here, 3x the training) is on only where asked: run_a covers it."""
-    cmd = [sys.executable, *launcher, 'train.py', TINY, *args, *([] if report else ['--report=False'])]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=script_env(), timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+    return run_script(*launcher, 'train.py', TINY, *args, *([] if report else ['--report=False']), timeout=timeout)
 
 
 def step_losses(stdout):
     """{iter: loss} from the progress lines ('iter 5/8 | loss 10.7396 | ...')."""
     return {int(i): float(l) for i, l in re.findall(r'^iter (\d+)/\d+ \| loss ([\d.]+)', stdout, re.M)}
-
-
-def read_log(out_dir, steps=False):
-    """log.jsonl's evaluation rows, or with steps=True its per-step rows."""
-    with open(out_dir / 'log.jsonl') as f:
-        rows = [json.loads(line) for line in f]
-    return [r for r in rows if ('val_loss' in r) != steps]
-
-
-def assert_same_state(out_a, out_b):
-    """The ckpt.pt of two runs hold the same step, weights, optimizer state and random
-    streams, bit for bit (torch.equal): one run continued exactly where the other went."""
-    a, b = (torch.load(out / 'ckpt.pt', weights_only=True) for out in (out_a, out_b))
-    assert a['iter_num'] == b['iter_num']
-    assert a['model'].keys() == b['model'].keys()
-    for k in a['model']:
-        assert torch.equal(a['model'][k], b['model'][k]), f"weights {k} differ"
-    state_a, state_b = a['optimizer']['state'], b['optimizer']['state']
-    assert state_a.keys() == state_b.keys() and a['optimizer']['param_groups'] == b['optimizer']['param_groups']
-    for i in state_a:
-        for k in state_a[i]:
-            assert torch.equal(state_a[i][k], state_b[i][k]), f"optimizer state {i}.{k} differs"
-    for ra, rb in zip(a['rng'], b['rng']):
-        assert torch.equal(ra['torch'], rb['torch']) and torch.equal(ra['data'], rb['data'])
-
-
-def error_of(argv):
-    """Run train.main in-process where it must stop before training: its one-line error."""
-    with pytest.raises(SystemExit) as e:
-        train.main(argv)
-    return str(e.value.code)
 
 
 @pytest.fixture(scope='module')
@@ -195,22 +159,24 @@ def test_memory_lean_training_path_matches_plain_autograd(monkeypatch, autocast_
     (['--learning_rate=1e-4', '--min_lr=1e-3'], 'min_lr=0.001 must be between 0 and learning_rate=0.0001'),
     (['--init_from=gpt3'], '--init_from=gpt3: no such checkpoint file or folder'),
     (['--n_head=5'], 'n_embd=32 must be divisible by n_head=5'),
-    (['--backend=mpi'], 'backend must be auto, nccl or gloo'),
-    (['--grad_clip=-1'], 'grad_clip must be 0 or more, got -1.0'),
-    (['--learning_rate=-1e-3'], 'learning_rate must be 0 or more'),
-    (['--weight_decay=-0.1'], 'weight_decay must be 0 or more, got -0.1'),
-    (['--warmup_iters=-5'], 'warmup_iters must be 0 or more'),
-    (['--peak_flops=-1'], 'peak_flops must be 0 or more'),
-    (['--beta2=1.0'], 'beta2 must be in [0, 1)'),
-    (['--eval_iters=0'], 'eval_iters must be at least 1, got 0'),
-    (['--dropout=1.0'], 'dropout must be in [0, 1)'),
+    (['--backend=mpi'], "--backend='mpi' must be in {auto, nccl, gloo}"),
+    (['--grad_clip=-1'], '--grad_clip=-1.0 must be in [0, inf)'),
+    (['--learning_rate=-1e-3'], '--learning_rate=-0.001 must be in [0, inf)'),
+    (['--weight_decay=-0.1'], '--weight_decay=-0.1 must be in [0, inf)'),
+    (['--warmup_iters=-5'], '--warmup_iters=-5 must be in [0, inf)'),
+    (['--peak_flops=-1'], '--peak_flops=-1.0 must be in [0, inf)'),
+    (['--beta2=1.0'], '--beta2=1.0 must be in [0, 1)'),
+    (['--eval_iters=0'], '--eval_iters=0 must be in [1, inf)'),
+    (['--dropout=1.0'], '--dropout=1.0 must be in [0, 1)'),
     (['--batch_size=None'], 'batch_size cannot be None'),
     (['--dtype=float8'], "dtype 'float8' is not one of auto, float32, bfloat16, float16"),
-    (['--max_minutes=-1'], 'max_minutes must be 0 or more, got -1.0'),
+    (['--max_minutes=-1'], '--max_minutes=-1.0 must be in [0, inf)'),
+    (['--seed=-1'], '--seed=-1 must be in [0, 2**63)'),
 ])
 def test_config_errors(args, message, data_dir, tmp_path):
     out = tmp_path / 'out'
-    assert message in error_of([str(REPO / TINY), f'--data_dir={data_dir}', f'--out_dir={out}', *args])
+    assert message in error_of(train.main, [str(REPO / TINY), f'--data_dir={data_dir}', f'--out_dir={out}',
+                                            *args])
     assert not out.exists()
 
 
@@ -220,11 +186,12 @@ def test_out_dir_and_data_dir_of_the_wrong_kind_or_unwritable(data_dir, tmp_path
     afile = tmp_path / 'afile'
     afile.write_text('x')
     tiny, data = str(REPO / TINY), f'--data_dir={data_dir}'
-    assert f'--out_dir={afile} is a file, not a folder' in error_of([tiny, data, f'--out_dir={afile}'])
-    assert f'{afile} is a file, not a folder' in error_of([tiny, data, f'--out_dir={afile}/run'])
-    assert 'is not writable here' in error_of([tiny, data, f'--out_dir={readonly_dir}/run'])
+    assert f'--out_dir={afile} is a file, not a folder' in error_of(train.main,
+                                                                    [tiny, data, f'--out_dir={afile}'])
+    assert f'{afile} is a file, not a folder' in error_of(train.main, [tiny, data, f'--out_dir={afile}/run'])
+    assert 'is not writable here' in error_of(train.main, [tiny, data, f'--out_dir={readonly_dir}/run'])
     assert f'{afile} is a file, not a folder: pass --data_dir=FOLDER' in error_of(
-        [tiny, f'--data_dir={afile}', f'--out_dir={tmp_path}/run'])
+        train.main, [tiny, f'--data_dir={afile}', f'--out_dir={tmp_path}/run'])
     assert sorted(p.name for p in tmp_path.iterdir()) == ['afile', 'readonly'] and not list(readonly_dir.iterdir())
 
 
@@ -248,15 +215,14 @@ def test_config_file_with_unknown_key_is_refused(tmp_path):
     bad = tmp_path / 'bad.py'
     bad.write_text("batch_size = 4\nlearning_rat = 1e-3\n")
     r = run_train(str(bad))
-    assert r.returncode == 1
-    assert r.stderr.strip().startswith(f"error: config file {bad} sets unknown key 'learning_rat'; valid keys:")
-    assert len(r.stderr.strip().splitlines()) == 1
+    assert one_line_error(r).startswith(f"error: config file {bad} sets unknown key 'learning_rat'; valid keys:")
 
 
 def test_missing_data_and_missing_checkpoint(tmp_path):
     tiny = str(REPO / TINY)
-    assert 'meta.json not found: run `python prepare.py`' in error_of([tiny, f'--data_dir={tmp_path / "none"}'])
-    assert 'no checkpoint at' in error_of([tiny, '--init_from=resume', f'--out_dir={tmp_path}'])
+    assert 'meta.json not found: run `python prepare.py`' in error_of(train.main,
+                                                                      [tiny, f'--data_dir={tmp_path / "none"}'])
+    assert 'no checkpoint at' in error_of(train.main, [tiny, '--init_from=resume', f'--out_dir={tmp_path}'])
 
 
 def test_data_that_does_not_match_the_model(data_dir, run_a, tmp_path):
@@ -266,13 +232,14 @@ def test_data_that_does_not_match_the_model(data_dir, run_a, tmp_path):
     shutil.copytree(data_dir, other)
     meta = json.loads((other / 'meta.json').read_text())
     (other / 'meta.json').write_text(json.dumps({**meta, 'vocab_size': 60000}))
-    msg = error_of([str(REPO / TINY), '--init_from=resume', f'--out_dir={out}', f'--data_dir={other}'])
+    msg = error_of(train.main, [str(REPO / TINY), '--init_from=resume', f'--out_dir={out}', f'--data_dir={other}'])
     assert 'a 60000-token vocabulary, but the checkpoint in' in msg and 'has 50257' in msg
     # a truncated bin
     (other / 'meta.json').write_text(json.dumps(meta))
     with open(other / 'val.bin', 'r+b') as f:
         f.truncate(1000)
-    assert 'truncated or stale' in error_of([str(REPO / TINY), f'--data_dir={other}', f'--out_dir={tmp_path / "o"}'])
+    assert 'truncated or stale' in error_of(train.main, [str(REPO / TINY), f'--data_dir={other}',
+                                                         f'--out_dir={tmp_path / "o"}'])
 
 
 # -----------------------------------------------------------------------------
@@ -340,9 +307,8 @@ def test_eval_only_and_sample_from_the_trained_model(run_a, data_dir):
     assert r.returncode == 0, r.stderr
     assert re.search(r'^eval iter 8: train loss [\d.]+, val loss [\d.]+$', r.stdout, re.M)
     assert (out / 'ckpt.pt').read_bytes() == before
-    s = subprocess.run([sys.executable, 'sample.py', f'--out_dir={out}', '--start=Once upon a time',
-                        '--num_samples=1', '--max_new_tokens=12'],
-                       cwd=REPO, capture_output=True, text=True, env=script_env(), timeout=120)
+    s = run_script('sample.py', f'--out_dir={out}', '--start=Once upon a time', '--num_samples=1',
+                   '--max_new_tokens=12')
     assert s.returncode == 0, s.stderr
     assert 'Once upon a time' in s.stdout
 
@@ -350,19 +316,7 @@ def test_eval_only_and_sample_from_the_trained_model(run_a, data_dir):
 def train_until_sigterm(prefix, *args):
     """train.py with config/tiny.py and args, sent SIGTERM once it prints a line starting with
     prefix. Returns (all of stdout, stderr, exit code)."""
-    proc = subprocess.Popen([sys.executable, 'train.py', TINY, *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=script_env())
-    seen = []
-    try:
-        for line in proc.stdout:
-            seen.append(line)
-            if line.startswith(prefix):
-                proc.send_signal(signal.SIGTERM)
-                break
-        rest, stderr = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    return ''.join(seen) + rest, stderr, proc.returncode
+    return run_until_sigterm(prefix, 'train.py', TINY, *args)
 
 
 def test_sigterm_saves_a_checkpoint_that_resumes_exactly(run_a, data_dir, tmp_path):
@@ -452,7 +406,7 @@ def test_wandb_log_without_wandb_installed_says_how_to_install_it(data_dir, tmp_
     (shim / 'wandb.py').write_text("raise ImportError(\"No module named 'wandb'\")\n")
     monkeypatch.setenv('PYTHONPATH', str(shim))
     r = run_train(f'--data_dir={data_dir}', f'--out_dir={tmp_path}/out', '--wandb_log=True')
-    assert r.returncode == 1 and r.stderr.strip() == (
+    assert one_line_error(r) == (
         'error: --wandb_log=True needs the wandb package, which is not installed: pip install wandb')
     assert not (tmp_path / 'out').exists()
 
