@@ -54,6 +54,7 @@ bias = True             # biases in Linear and LayerNorm layers
 # train
 batch_size = 32         # sequences per micro-batch; in [1, inf)
 gradient_accumulation_steps = 1  # micro-batches per timed step; in [1, inf)
+optimizer = 'adamw'     # as train.py's --optimizer; in {adamw, muon}
 warmup = 2              # untimed steps first (allocations, compile, caches); in [0, inf)
 iters = 3               # timed steps per repeat (more on GPUs: --iters=50); in [1, inf)
 repeats = 3             # runs of every timed figure (sample: fewer once one took 5 s); best and median reported; in [1, inf)
@@ -183,14 +184,15 @@ def bench_train(cfg, device, dtype):
     loss, backward per micro-batch, clip, AdamW step) and the loss.item() that syncs it."""
     # the seed recipe's optimizer (config/tinystories.py); the LR schedule as train.py steps it
     schedule = dict(learning_rate=5e-4, min_lr=5e-5, decay_lr=True, warmup_iters=1000, lr_decay_iters=0,
-                    max_iters=20000)
+                    max_iters=20000, lr_schedule='cosine', decay_fraction=0.2)
     device_type = device.split(':')[0]
     if device_type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True  # as train.py
         torch.backends.cudnn.allow_tf32 = True
         torch.cuda.reset_peak_memory_stats()
     model = make_model(cfg, device)
-    optimizer = model.configure_optimizers(0.1, schedule['learning_rate'], (0.9, 0.95), device_type)
+    muon = dict(lr=0.02, momentum=0.95, weight_decay=0.0) if cfg['optimizer'] == 'muon' else None  # train.py's
+    optimizer = model.configure_optimizers(0.1, schedule['learning_rate'], (0.9, 0.95), device_type, muon)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
     train_model = torch.compile(model) if cfg['compile'] else model
     ctx = autocast(device, dtype)
@@ -239,7 +241,7 @@ def print_train(train, cfg, peak, dtype, N):
     tokens, fpt, per_iter = train['tokens_per_iter'], train['flops_per_token'], train['seconds_per_iter']
     best, median = min(per_iter), statistics.median(per_iter)
     limit = peak['matmul_flops'] / fpt  # tokens/s at 100% MFU
-    print(f"{tokens:,} tokens per step ({accum} x {B} x {T}), loss {train['loss']:.3f}, {cfg['warmup']} warm-up "
+    print(f"{tokens:,} tokens per step ({accum} x {B} x {T}), {cfg['optimizer']}, loss {train['loss']:.3f}, {cfg['warmup']} warm-up "
           f"steps, then {cfg['repeats']} repeats of {cfg['iters']} steps")
     print(f"model FLOPs per token = 6*N + 12*n_layer*n_embd*block_size = 6*{N:,} + 12*{cfg['n_layer']}*"
           f"{cfg['n_embd']}*{T} = {fpt / 1e6:.1f} MFLOP (N = parameters less the position table)")

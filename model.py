@@ -21,6 +21,7 @@ import engine
 from kernels import Dropout  # nn.Dropout (a 1-byte mask on CPU)
 from kernels import GeluLinear  # c_proj(F.gelu(h)) while training (keeps h alone)
 from kernels import LinearCrossEntropy  # F.cross_entropy(lm_head(x), targets, ignore_index=-1) (chunked)
+from optim import MuonAdamW  # --optimizer=muon: Muon for the hidden matrices, AdamW for the rest
 
 
 @dataclass
@@ -165,15 +166,21 @@ class GPT(nn.Module):
             return None, loss
         return self.lm_head(x[:, [-1], :]), None  # only the last position is needed to sample
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, muon=None):
         """AdamW; weight decay only on matrices and embeddings (>= 2-D). Fused on CUDA and CPU:
         one kernel per step instead of a loop of per-tensor ops, faster and with no
-        parameter-sized temporaries (on CPU that is ~0.1 GB off the training step's peak)."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{'params': decay, 'weight_decay': weight_decay},
-                  {'params': no_decay, 'weight_decay': 0.0}]
+        parameter-sized temporaries (on CPU that is ~0.1 GB off the training step's peak).
+        muon (a dict of lr, momentum, weight_decay): the 2-D weights inside the blocks
+        move by Muon instead, each q, k and v of c_attn as a matrix of its own (optim.py)."""
+        hidden = {id(p): name for name, p in self.transformer.h.named_parameters() if p.dim() == 2} if muon else {}
+        params = [p for p in self.parameters() if p.requires_grad and id(p) not in hidden]
+        groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+                  {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+        if muon:
+            groups += [{'params': [p], 'muon': True, 'split': 3 if hidden[id(p)].endswith('c_attn.weight') else 1,
+                        'lr_ratio': muon['lr'] / learning_rate, 'weight_decay': muon['weight_decay']}
+                       for p in self.transformer.h.parameters() if id(p) in hidden]
+            return MuonAdamW(groups, lr=learning_rate, betas=betas, momentum=muon['momentum'])
         use_fused = device_type in ('cuda', 'cpu') and 'fused' in inspect.signature(torch.optim.AdamW).parameters
         extra = dict(fused=True) if use_fused else dict()
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)

@@ -126,6 +126,13 @@ def plot_log(out_dir):
 # -----------------------------------------------------------------------------
 # Weights & Biases: the same rows, sent to a W&B run
 
+def log_row(out_dir, row, wandb_run=None):
+    """One row, an evaluation's or a step's, to out_dir/log.jsonl and to the W&B run, if any."""
+    append_log(out_dir, row)
+    if wandb_run:
+        wandb_run.log(wandb_row(row), step=row['iter'])
+
+
 def check_wandb():
     """--wandb_log needs the wandb package, not a requirement: train.py asks before it trains."""
     try:

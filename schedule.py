@@ -1,6 +1,6 @@
 """
-How long train.py runs and at what learning rate: the LR schedule (linear warmup, cosine decay
-to min_lr), the warmup of a run too short for it, and --max_minutes, which times the first steps
+How long train.py runs and at what learning rate: the LR schedule (linear warmup, then a cosine
+or warmup-stable-decay to min_lr), the warmup of a run too short for it, and --max_minutes, which times the first steps
 of a run and then sets max_iters so that the whole run ends on time.
 """
 import math
@@ -16,7 +16,8 @@ CALIBRATION_STEPS = 10  # --max_minutes: steps timed before max_iters is fixed (
 
 
 def get_lr(it, cfg):
-    """Learning rate at optimizer step it: linear warmup, cosine decay, then flat min_lr."""
+    """Learning rate at optimizer step it: linear warmup, then a decay to min_lr at decay_end (cosine,
+    or wsd: the peak held until the last decay_fraction of the steps, then a straight line), then flat."""
     lr, min_lr = cfg['learning_rate'], cfg['min_lr']
     if not cfg['decay_lr']:
         return lr
@@ -25,6 +26,9 @@ def get_lr(it, cfg):
         return lr * (it + 1) / (warmup + 1)
     if it >= decay_end:
         return min_lr
+    if cfg['lr_schedule'] == 'wsd':
+        decay_start = max(warmup, decay_end - round(cfg['decay_fraction'] * decay_end))
+        return lr - (lr - min_lr) * max(0, it - decay_start) / (decay_end - decay_start)
     progress = (it - warmup) / (decay_end - warmup)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 

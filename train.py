@@ -31,7 +31,7 @@ from common import check_writable, config_defaults, die, parse_config, torch_sav
 from data import get_batch, open_splits, vocab_size_of
 from device import autocast, format_eta, matmul_flops, peak_memory, pick_device, pick_dtype, start_processes
 from model import GPT, GPTConfig
-from runlog import append_log, check_wandb, plot_log, start_log, start_wandb, wandb_row
+from runlog import check_wandb, log_row, plot_log, start_log, start_wandb
 from schedule import CALIBRATION_STEPS, cut_warmup, fit_to_budget, get_lr
 
 # -----------------------------------------------------------------------------
@@ -57,16 +57,22 @@ n_head = 6                       # attention heads per block (must divide n_embd
 n_embd = 384                     # width of the residual stream; in [1, inf)
 dropout = 0.1                    # on embeddings, attention and residual outputs while training; in [0, 1)
 bias = True                      # biases in Linear and LayerNorm layers, as GPT-2
-# AdamW
-learning_rate = 5e-4             # peak LR after warmup; in [0, inf)
+# optimizer
+optimizer = 'adamw'              # or muon: Muon for the 2-D weights in the blocks, AdamW for the rest; in {adamw, muon}
+learning_rate = 5e-4             # AdamW's peak LR after warmup; in [0, inf)
 max_iters = 20000                # optimizer steps (32 x 128 x 8 = 32,768 tokens each: 655M in all); in [1, inf)
 max_minutes = 0.0                # > 0: set max_iters from timed steps so the whole run ends in this many minutes; in [0, inf)
 weight_decay = 0.1               # AdamW decay on matrices and embeddings (not biases, norms); in [0, inf)
 beta1 = 0.9                      # AdamW's moving-average factor for the gradient; in [0, 1)
 beta2 = 0.95                     # ... and for the squared gradient; in [0, 1)
 grad_clip = 0.5                  # clip the global gradient norm to this (0: off); in [0, inf)
-# LR schedule: linear warmup, then cosine decay to min_lr, one step per optimizer step
+muon_lr = 0.02                   # Muon's peak LR (the schedule scales it as it scales learning_rate); in [0, inf)
+muon_momentum = 0.95             # Muon's momentum (Nesterov); in [0, 1)
+muon_weight_decay = 0.0          # Muon's decoupled weight decay; in [0, inf)
+# LR schedule: linear warmup, then a decay to min_lr, one step per optimizer step
 decay_lr = True                  # False: a flat learning_rate, no warmup or decay
+lr_schedule = 'cosine'           # cosine: decay all the way; wsd: hold the peak, then decay linearly; in {cosine, wsd}
+decay_fraction = 0.2             # wsd: the last fraction of the steps that decays; in (0, 1]
 warmup_iters = 1000              # steps of linear warmup (cut to a tenth of a shorter run); in [0, inf)
 lr_decay_iters = 0               # step where the decay reaches min_lr; 0: max_iters; in [0, inf)
 min_lr = 5e-5                    # the LR at the end of the cosine decay
@@ -88,7 +94,7 @@ def train_step(model, optimizer, scaler, batches, lr, grad_clip, ctx):
     """One optimizer step: forward + backward per micro-batch (gradient accumulation), then clip and
     AdamW. Returns the mean loss as a tensor (reading it syncs the GPU); the gradients stay in .grad."""
     for group in optimizer.param_groups:
-        group['lr'] = lr
+        group['lr'] = lr * group.get('lr_ratio', 1.0)  # Muon's groups: muon_lr / learning_rate
     optimizer.zero_grad(set_to_none=True)
     loss_sum = 0.0
     for micro, (x, y) in enumerate(batches):
@@ -201,8 +207,10 @@ def build_model(cfg, run, ckpt, log):
         source = os.path.join(cfg['out_dir'], 'ckpt.pt') if cfg['init_from'] == 'resume' else cfg['init_from']
         load_weights(run.model, ckpt['model'], source)  # also takes _orig_mod./module. keys
     run.model.to(run.device)
+    muon = dict(lr=cfg['muon_lr'], momentum=cfg['muon_momentum'], weight_decay=cfg['muon_weight_decay'])
     run.optimizer = run.model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'],
-                                                   (cfg['beta1'], cfg['beta2']), run.device_type)
+                                                   (cfg['beta1'], cfg['beta2']), run.device_type,
+                                                   muon if cfg['optimizer'] == 'muon' else None)
     run.scaler = torch.amp.GradScaler(run.device_type, enabled=(run.dtype == 'float16'))
     if cfg['init_from'] != 'resume':  # a fine-tune starts a new run: step 0, fresh AdamW state
         return 0, float('inf')
@@ -220,13 +228,6 @@ def build_model(cfg, run, ckpt, log):
     start_iter, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
     log(f"resuming from {cfg['out_dir']}/ckpt.pt at iter {start_iter} (best val loss {best_val_loss:.4f})")
     return start_iter, best_val_loss
-
-
-def log_row(cfg, run, row):
-    """One row, an evaluation's or a step's, to out_dir/log.jsonl and to W&B."""
-    append_log(cfg['out_dir'], row)
-    if run.wandb:
-        run.wandb.log(wandb_row(row), step=row['iter'])
 
 
 def rng_states(run):
@@ -294,7 +295,7 @@ def evaluate(cfg, run, it, best_val_loss, row):
         return best_val_loss, loss_s
     row = {'iter': it, 'tokens': it * run.tokens_per_iter, 'train_loss': losses['train'],
            'val_loss': losses['val'], 'lr': get_lr(it, cfg), **row}
-    log_row(cfg, run, row)
+    log_row(cfg['out_dir'], row, run.wandb)
     improved = losses['val'] < best_val_loss
     best_val_loss = min(best_val_loss, losses['val'])
     if it > 0 and improved:
@@ -321,9 +322,8 @@ def step_result(cfg, run, loss, it):
 
 
 def train_loop(cfg, run, it, best_val_loss, elapsed_before):
-    """From iter it: evaluate + checkpoint every eval_interval steps, then one optimizer step; a log row
-    every step and a progress line every log_interval steps. --max_minutes fits max_iters after the first
-    CALIBRATION_STEPS steps. elapsed_before: a resumed run's seconds so far. Returns (last iter, best val loss)."""
+    """From iter it: evaluate every eval_interval steps, one optimizer step, a log row (a progress line every
+    log_interval); --max_minutes fits max_iters after CALIBRATION_STEPS. Returns (last iter, best val loss)."""
     start_iter, tokens_per_iter = it, run.tokens_per_iter
     t_start = t_window = time.time()
     iters_window, train_time, ema_dt = 0, 0.0, None  # steps and seconds since the last eval; smoothed step
@@ -363,7 +363,8 @@ def train_loop(cfg, run, it, best_val_loss, elapsed_before):
                 fit_to_budget(cfg, run, it, step_times, eval_costs)
                 t_window = time.time()  # the fitting is not a training step
         if run.master:  # the loss and LR of every step, for the loss curve; a progress line
-            log_row(cfg, run, {'iter': it, 'tokens': it * tokens_per_iter, 'loss': round(lossf, 4), 'lr': lr})
+            row = {'iter': it, 'tokens': it * tokens_per_iter, 'loss': round(lossf, 4), 'lr': lr}
+            log_row(cfg['out_dir'], row, run.wandb)
             if it % cfg['log_interval'] == 0:
                 mfu = run.model.estimate_mfu(tokens_per_iter / run.world_size, ema_dt, run.peak)
                 print(f"iter {it}/{cfg['max_iters']} | loss {lossf:.4f} | lr {lr:.2e} | {ema_dt * 1000:.0f} ms/iter | "

@@ -145,7 +145,8 @@ def assert_same_state(out_a, out_b):
     assert state_a.keys() == state_b.keys() and a['optimizer']['param_groups'] == b['optimizer']['param_groups']
     for i in state_a:
         for k in state_a[i]:
-            assert torch.equal(state_a[i][k], state_b[i][k]), f"optimizer state {i}.{k} differs"
+            assert torch.equal(torch.as_tensor(state_a[i][k]), torch.as_tensor(state_b[i][k])), \
+                f"optimizer state {i}.{k} differs"
     for ra, rb in zip(a['rng'], b['rng']):
         assert torch.equal(ra['torch'], rb['torch']) and torch.equal(ra['data'], rb['data'])
 
