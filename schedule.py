@@ -35,12 +35,14 @@ def get_lr(it, cfg):
 
 def cut_warmup(cfg):
     """A run shorter than its warmup (a quick `--max_iters=100` under the recipe's 1000 steps)
-    warms up for a tenth of the decay instead. Returns the warning line, or None."""
+    warms up for a tenth of the decay instead, as does one whose warmup would take more than half of
+    it (a --max_minutes budget that fits few steps): at least half of a run decays. Returns the
+    warning line, or None."""
     decay_end = cfg['lr_decay_iters'] or cfg['max_iters']
-    if not (cfg['decay_lr'] and cfg['warmup_iters'] > decay_end):
+    if not (cfg['decay_lr'] and cfg['warmup_iters'] > decay_end / 2):
         return None
     warmup = decay_end // 10
-    warning = (f"warning: warmup_iters={cfg['warmup_iters']} is longer than the LR decay "
+    warning = (f"warning: warmup_iters={cfg['warmup_iters']} is more than half the LR decay "
                f"({decay_end} steps): warming up for {warmup} steps instead (a tenth)")
     cfg['warmup_iters'] = warmup
     return warning
@@ -78,7 +80,7 @@ def fit_to_budget(cfg, run, it, step_times, eval_costs):
             # eval.py --report: ~3 s to start (Python, torch, the checkpoint), a full pass over val.bin,
             # then 10 stories of up to 200 tokens (its defaults)
             report_s = 3.0 + len(run.splits['val']) * loss_s / eval_tokens + 10 * 200 * decode_seconds(run)
-        left = cfg['max_minutes'] * 60 - (time.time() - run.t0)
+        left = cfg['max_minutes'] * 60 - (time.time() - run.t0) - 1.0  # 1 s: the loss curve at the end
         steps = (left - report_s - eval_s) / (step_s + eval_s / cfg['eval_interval'])
         max_iters = it + max(1, int(steps))
         print(f"--max_minutes={cfg['max_minutes']:g}: max_iters={max_iters} ({step_s * 1000:.0f} ms per step, "

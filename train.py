@@ -13,12 +13,15 @@ weights so far (out_dir/best_model_params.pt) and everything needed to resume
 (out_dir/ckpt.pt). Ctrl-C or SIGTERM saves ckpt.pt after the current step, then exits
 with 130/143; `--init_from=resume` continues the same run (same losses as if never stopped).
 """
+import time
+
+STARTED = time.time()  # --max_minutes counts from here: the imports below (torch: ~2 s) are part of the run
+
 import math
 import os
 import signal
 import subprocess
 import sys
-import time
 from functools import partial
 from types import SimpleNamespace
 
@@ -73,7 +76,7 @@ muon_weight_decay = 0.0          # Muon's decoupled weight decay; in [0, inf)
 decay_lr = True                  # False: a flat learning_rate, no warmup or decay
 lr_schedule = 'cosine'           # cosine: decay all the way; wsd: hold the peak, then decay linearly; in {cosine, wsd}
 decay_fraction = 0.2             # wsd: the last fraction of the steps that decays; in (0, 1]
-warmup_iters = 1000              # steps of linear warmup (cut to a tenth of a shorter run); in [0, inf)
+warmup_iters = 1000              # steps of linear warmup (a tenth of a run less than twice as long); in [0, inf)
 lr_decay_iters = 0               # step where the decay reaches min_lr; 0: max_iters; in [0, inf)
 min_lr = 5e-5                    # the LR at the end of the cosine decay
 # system
@@ -133,8 +136,7 @@ def estimate_loss(model, splits, cfg, ctx, device):
 
 
 def check_config(cfg):
-    """What the rules beside the defaults cannot say (they are enforced by parse_config): stop now,
-    say why. Returns the warnings for what it adjusted (a short run's warmup)."""
+    """What the rules beside the defaults cannot say: stop now, say why. Returns the warnings (a short warmup)."""
     if cfg['n_embd'] % cfg['n_head'] and cfg['init_from'] == 'scratch':  # else the shape is the checkpoint's
         die(f"n_embd={cfg['n_embd']} must be divisible by n_head={cfg['n_head']}")
     check_init_from(cfg['init_from'], cfg['out_dir'])
@@ -153,8 +155,7 @@ def check_config(cfg):
 # the phases of a run, in the order main() calls them
 
 def setup(cfg):
-    """Processes (under torchrun one per device), device, precision and seeds: the run's facts, to
-    which main() adds the model, the optimizer and the data."""
+    """Processes (torchrun: one per device), device, precision, seeds: the run's facts (main() adds the rest)."""
     rank, local_rank, world_size, device = start_processes(pick_device(cfg['device']), cfg['backend'])
     ddp = dist.is_initialized()  # under torchrun, even with one process
     accum = cfg['gradient_accumulation_steps']
@@ -167,7 +168,7 @@ def setup(cfg):
     if device_type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return SimpleNamespace(t0=time.time(), budget_fixed=False,  # --max_minutes counts from t0; max_iters not fitted yet
+    return SimpleNamespace(t0=STARTED, budget_fixed=False,  # --max_minutes counts from t0; max_iters not fitted yet
                            stop_signal=0,  # the Ctrl-C / SIGTERM received (request_stop), 0: none
                            wandb=None, wandb_id=None,  # the W&B run (rank 0, --wandb_log) and its id, kept in ckpt.pt
                            started_from=None,  # a fine-tune's source (--init_from), kept in its checkpoints
@@ -375,8 +376,7 @@ def train_loop(cfg, run, it, best_val_loss, elapsed_before):
 
 
 def write_report(cfg, device, dtype):
-    """out_dir/report.md, the run's report card: eval.py --report, run as a user would run it
-    (a script, not an import: train.py imports no script)."""
+    """out_dir/report.md, the run's report card: eval.py --report as a user runs it (scripts import no script)."""
     eval_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'eval.py')
     r = subprocess.run([sys.executable, eval_py, '--report', f"--out_dir={cfg['out_dir']}", f'--device={device}',
                         f'--dtype={dtype}'], capture_output=True, text=True)

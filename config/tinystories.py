@@ -23,7 +23,7 @@ max_iters = 20000
 # at 5e-4 after 1000 optimizer steps and decays to a tenth of it by the last step. The decay
 # ends at max_iters (lr_decay_iters is left at train.py's 0), so a shorter run (--max_iters=300,
 # or the max_iters that --max_minutes fits) decays over its own length, its warmup cut to a
-# tenth of the run where 1000 steps would not fit.
+# tenth of the run where 1000 steps would take more than half of it.
 learning_rate = 5e-4
 min_lr = 5e-5
 warmup_iters = 1000

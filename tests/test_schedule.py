@@ -37,7 +37,13 @@ def test_wsd_holds_the_peak_then_decays_in_a_straight_line():
     assert get_lr(100, short) == 1e-3 and get_lr(550, short) == pytest.approx((1e-3 + 1e-4) / 2)
 
 
-def test_a_run_shorter_than_its_warmup_warms_up_for_a_tenth():
+def test_a_run_its_warmup_would_take_more_than_half_of_warms_up_for_a_tenth():
+    """A quick --max_iters=50 under a 1000-step warmup, or a --max_minutes budget that fits 1,019
+    steps: a tenth of the run warms up, the rest decays. Half the run or less is left alone."""
     cfg = {**COSINE, 'lr_decay_iters': 0, 'max_iters': 50, 'warmup_iters': 1000}
     assert 'warming up for 5 steps instead' in cut_warmup(cfg) and cfg['warmup_iters'] == 5
     assert cut_warmup(cfg) is None  # now it fits
+    fitted = {**cfg, 'max_iters': 1019, 'warmup_iters': 1000}
+    assert 'more than half the LR decay (1019 steps): warming up for 101 steps' in cut_warmup(fitted)
+    assert cut_warmup({**cfg, 'max_iters': 2000, 'warmup_iters': 1000}) is None
+    assert cut_warmup({**cfg, 'max_iters': 50, 'warmup_iters': 1000, 'decay_lr': False}) is None

@@ -187,7 +187,7 @@ def test_warmup_longer_than_the_run_is_shortened_with_one_warning(data_dir, tmp_
     line says what was adjusted (config/tiny.py keeps train.py's warmup and learning_rate)."""
     cfg = train.config_defaults(vars(train)) | {'max_iters': 100, 'out_dir': str(tmp_path / 'x')}
     warnings = train.check_config(cfg)
-    assert warnings == ['warning: warmup_iters=1000 is longer than the LR decay (100 steps): '
+    assert warnings == ['warning: warmup_iters=1000 is more than half the LR decay (100 steps): '
                         'warming up for 10 steps instead (a tenth)']
     assert cfg['warmup_iters'] == 10 and train.get_lr(10, cfg) == train.learning_rate
     r = run_train(f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--max_iters=20', '--eval_interval=20',
