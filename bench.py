@@ -68,7 +68,8 @@ nocache = True          # also time nanoGPT's no-cache loop (the reference; slow
 # serve (random weights: no story ends early, each writes max_tokens)
 clients = '1,4,16'      # clients streaming at once, each level in turn
 max_tokens = 100        # tokens per story; in [1, inf)
-concurrency = 4         # serve.py's --concurrency (stories written at once; the rest queue); in [1, inf)
+concurrency = 16        # serve.py's --concurrency (stories written at once; the rest queue); in [1, inf)
+baseline = ''           # another serve.py (e.g. an older checkout's) to time side by side, interleaved
 # prepare
 text = '../shared/data/tinystories/train.txt'  # a TinyStories-layout file, replicated to mb MB
 mb = 100.0              # MB of text to tokenize; in (0, inf)
@@ -489,52 +490,67 @@ def stream_story(url, cfg, seed):
     return first, time.perf_counter() - t0, chunks, r.status
 
 
+def start_server(script, args, cfg, ckpt, device, dtype, levels):
+    """script (a serve.py) on a free port with the bench model: (process, its URL)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    server = subprocess.Popen([sys.executable, script, f'--ckpt={ckpt}', '--port=0', f'--device={device}',
+                               f'--dtype={dtype}', f"--concurrency={cfg['concurrency']}", f"--queue={max(levels)}",
+                               f"--max_tokens_limit={cfg['max_tokens']}", *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                              cwd=os.path.dirname(os.path.abspath(script)))
+    url = next(m.group(1) for line in server.stdout if (m := re.search(r'on (http://[\d.]+:\d+)/', line)))
+    stream_story(url, cfg, 0)  # warm-up: first-call allocations, packed weights
+    return server, url
+
+
+def serve_level(url, cfg, n):
+    """n clients each stream stories back to back (16 in all, at least 2 per client): one row."""
+    per_client, results = max(2, -(-16 // n)), []
+
+    def client(i):
+        for k in range(per_client):
+            results.append(stream_story(url, cfg, seed=1000 * i + k))
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if r[3] == 200]
+    ttft = sorted(r[0] for r in ok)
+    return {'clients': n, 'streams': len(ok), 'rejected': len(results) - len(ok), 'seconds': wall,
+            'streams_per_s': len(ok) / wall, 'tokens_per_s': len(ok) * cfg['max_tokens'] / wall,
+            'ttft_median': statistics.median(ttft), 'ttft_p90': ttft[int(0.9 * (len(ttft) - 1))],
+            'stream_seconds_median': statistics.median(r[1] for r in ok)}
+
+
 def bench_serve(cfg, device, dtype):
-    """serve.py (a subprocess, as users run it) with the bench model's random weights; at each
-    level N clients each stream stories back to back (16 in all, at least 2 per client)."""
-    levels, rows = int_list(cfg, 'clients'), []
+    """serve.py (subprocesses, as users run it) with the bench model's random weights, batching and
+    --batch_invariant (and --baseline's serve.py) side by side: each level runs on each in turn."""
+    levels, rows, servers = int_list(cfg, 'clients'), [], []
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'serve.py')
+    kinds = [('batching', here, []), ('batch-invariant', here, ['--batch_invariant=True'])]
+    kinds += [('baseline', os.path.abspath(cfg['baseline']), [])] if cfg['baseline'] else []
     with tempfile.TemporaryDirectory(prefix='slm_bench_') as tmp:
         model = make_model(cfg, 'cpu')
         ckpt = os.path.join(tmp, 'model.pt')
         torch.save({'model': model.state_dict(), 'model_args': vars(model.config)}, ckpt)
-        env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
-        server = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'serve.py'),
-                                   f'--ckpt={ckpt}', '--port=0', f'--device={device}', f'--dtype={dtype}',
-                                   f"--concurrency={cfg['concurrency']}", f"--queue={max(levels)}",
-                                   f"--max_tokens_limit={cfg['max_tokens']}"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
         try:
-            url = next(m.group(1) for line in server.stdout if (m := re.search(r'on (http://[\d.]+:\d+)/', line)))
-            stream_story(url, cfg, 0)  # warm-up: first-call allocations, packed weights
+            for name, script, args in kinds:
+                servers.append((name, *start_server(script, args, cfg, ckpt, device, dtype, levels)))
             for n in levels:
-                per_client = max(2, -(-16 // n))
-                results = []
-
-                def client(i):
-                    for k in range(per_client):
-                        results.append(stream_story(url, cfg, seed=1000 * i + k))
-                threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
-                t0 = time.perf_counter()
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-                wall = time.perf_counter() - t0
-                ok = [r for r in results if r[3] == 200]
-                ttft = sorted(r[0] for r in ok)
-                rows.append({'clients': n, 'streams': len(ok), 'rejected': len(results) - len(ok),
-                             'seconds': wall, 'streams_per_s': len(ok) / wall,
-                             'tokens_per_s': len(ok) * cfg['max_tokens'] / wall,
-                             'ttft_median': statistics.median(ttft), 'ttft_p90': ttft[int(0.9 * (len(ttft) - 1))],
-                             'stream_seconds_median': statistics.median(r[1] for r in ok)})
+                for name, _, url in servers:
+                    rows.append({'server': name, **serve_level(url, cfg, n)})
         finally:
-            server.terminate()
-            server.wait(30)
+            for _, server, _ in servers:
+                server.terminate()
+                server.wait(30)
     print(f"serve.py --concurrency={cfg['concurrency']}, stories of {cfg['max_tokens']} tokens "
           f"(random weights: none ends early), streamed; time to first token includes any wait in the queue")
-    print_table([['clients', 'streams', 'rejected', 'streams/s', 'tokens/s', 'first token median', 'p90',
+    print_table([['server', 'clients', 'streams', 'rejected', 'streams/s', 'tokens/s', 'first token median', 'p90',
                   'story median']] +
-                [[str(r['clients']), str(r['streams']), str(r['rejected']), f"{r['streams_per_s']:.2f}",
+                [[r['server'], str(r['clients']), str(r['streams']), str(r['rejected']), f"{r['streams_per_s']:.2f}",
                   f"{r['tokens_per_s']:.0f}", f"{r['ttft_median'] * 1000:.0f} ms", f"{r['ttft_p90'] * 1000:.0f} ms",
                   f"{r['stream_seconds_median']:.2f} s"] for r in rows])
     return {'serve': rows}

@@ -47,7 +47,7 @@ def get_tokenizer(timeout=120):
 
 def story_text(enc, token_ids):
     """The text of a story's token ids, in pieces as they come, up to its <|endoftext|>
-    (sample.py prints them, serve.py streams them). A character can span tokens, so bytes are
+    (sample.py prints them). A character can span tokens, so bytes are
     decoded incrementally: whole characters only. An id past the tokenizer's vocabulary (a
     model with a padded one could pick it) has no text."""
     import codecs

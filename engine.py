@@ -92,6 +92,90 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     return torch.cat([idx] + [t.unsqueeze(1) for t in new], dim=1)
 
 
+class Sequence:
+    """One story being written in a Batch: its tokens so far, its window schedule, its sampling."""
+
+    def __init__(self, ids, max_new_tokens, sampling, block_size, generator):
+        self.tokens, self.prompt_len, self.sampling, self.generator = list(ids), len(ids), sampling, generator
+        self.steps = window_steps(len(ids), max_new_tokens, block_size)
+        self.left, self.row = max_new_tokens, None
+
+
+class Batch:
+    """The stories being written at once (serve.py): each step runs one forward over every
+    story's next token, so a batch of 8 costs about what 2-3 stories alone would, and stories
+    join and leave at any step. Each holds a row of one KV cache; the rows of stories still
+    going are kept at the top (a leaving story's row takes the last one), so a step runs rows
+    0..n-1. A prompt (or a re-run of a full window, window_steps' exact way) runs alone, as a
+    batch of one. Attention is per row (model.attend_rows), so a story's numbers depend on the
+    other rows only through the matrix multiplies' row count: invariant=True runs every step at
+    all `size` rows (idle rows padded), and then a seeded story comes out the same whatever else
+    is being written, at the cost of a full-size step at any load (docs/serve.md)."""
+
+    def __init__(self, model, size, invariant=False):
+        self.model, self.size, self.invariant = model, size, invariant
+        self.cache = new_kv_cache(model, size)
+        self.running = []  # Sequences, running[i] in cache row i
+        self.linears = decode_linears(model, 1)  # the one-story steps run as sample.py's do
+        self.pad = torch.full((size,), 0, dtype=torch.long, device=model.lm_head.weight.device)
+
+    def add(self, ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
+        """Start a story from prompt ids (at most block_size); its first token comes at the next step."""
+        assert len(self.running) < self.size and 0 < len(ids) <= self.model.config.block_size
+        seq = Sequence(ids, max_new_tokens, (temperature, top_k, top_p), self.model.config.block_size, generator)
+        seq.row = len(self.running)
+        self.running.append(seq)
+        return seq
+
+    def remove(self, seq):
+        """Stop a story (ended, or its client went away): the last row moves into its row."""
+        last = self.running.pop()
+        if last is not seq:
+            for k, v in self.cache:
+                k[seq.row], v[seq.row] = k[last.row], v[last.row]
+            last.row = seq.row
+            self.running[seq.row] = last
+
+    @torch.no_grad()
+    def step(self):
+        """Each running story's next token and the logits it was drawn from: [(seq, token, logits (V,))].
+        A story that has had max_new_tokens leaves; the caller removes one that ends otherwise."""
+        runs = [(seq, *next(seq.steps)) for seq in self.running]
+        logits = {}
+        with self.linears:
+            decoding = [(seq, pos) for seq, run, pos in runs if run == 1]
+            if decoding:  # first: its padding rows write position 0, which a prompt then overwrites
+                n = self.size if self.invariant else len(self.running)
+                idx, pos = self.pad[:n].clone(), self.pad[:n].clone()
+                for seq, p in decoding:
+                    idx[seq.row], pos[seq.row] = seq.tokens[-1], p
+                out = self.model(idx.view(n, 1), kv_cache=[(k[:n], v[:n]) for k, v in self.cache], pos=pos)[0]
+                logits.update((seq, out[seq.row, -1]) for seq, _ in decoding)
+            for seq, run, pos in runs:
+                if run > 1:
+                    window = torch.tensor([seq.tokens[-run:]], device=self.pad.device)
+                    cache = [(k[seq.row:seq.row + 1], v[seq.row:seq.row + 1]) for k, v in self.cache]
+                    logits[seq] = self.model(window, kv_cache=cache, pos=0)[0][0, -1]
+        out = []
+        for seq, _, _ in runs:
+            token = sample_logits(logits[seq].unsqueeze(0), *seq.sampling, seq.generator).item()
+            seq.tokens.append(token)
+            seq.left -= 1
+            out.append((seq, token, logits[seq]))
+        for seq in [seq for seq in self.running if seq.left == 0]:
+            self.remove(seq)
+        return out
+
+
+@torch.no_grad()
+def prompt_logprobs(model, ids):
+    """(len(ids) - 1, V) log-probabilities: row i is the model's next-token distribution after
+    ids[:i + 1], so row i at ids[i + 1] scores that token (serve.py's echo). ids scored as
+    given, nothing put before them, in one forward: at most block_size + 1 of them."""
+    idx = torch.tensor([ids[:-1]], device=model.lm_head.weight.device)
+    return F.log_softmax(model(idx, all_positions=True)[0][0].float(), dim=-1)
+
+
 def sampling_problem(temperature, top_k, top_p):
     """What is wrong with these sampling options, in one line, or None: the one rule that
     generate, sample.py, eval.py, serve.py and bench.py all apply. top_k 0 or None and top_p 1

@@ -54,6 +54,8 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, nh, T, hs): views, one op for all three
+        if torch.is_tensor(pos):  # one token per row, each at a position of its own (engine.Batch)
+            return self.c_proj(self.attend_rows(q, k, v, kv_cache, pos).view(B, 1, C))
         if kv_cache is not None:
             k_cache, v_cache = kv_cache
             k_cache[:, :, pos:pos + T], v_cache[:, :, pos:pos + T] = k, v
@@ -73,6 +75,15 @@ class CausalSelfAttention(nn.Module):
                                                dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, q.size(2), C)
         return self.resid_dropout(self.c_proj(y))
+
+    def attend_rows(self, q, k, v, kv_cache, pos):
+        """Rows at positions of their own: row b's key and value go in at pos[b] and its query
+        attends over its pos[b] + 1 keys alone, as a batch of one: no row's numbers depend on another's."""
+        (k_cache, v_cache), rows = kv_cache, torch.arange(q.size(0), device=q.device)
+        k_cache[rows, :, pos], v_cache[rows, :, pos] = k[:, :, 0], v[:, :, 0]
+        return torch.cat([F.scaled_dot_product_attention(q[b:b + 1], k_cache[b:b + 1, :, :p + 1],
+                                                         v_cache[b:b + 1, :, :p + 1]).transpose(1, 2)
+                          for b, p in enumerate(pos.tolist())])
 
 
 class MLP(nn.Module):
@@ -147,14 +158,18 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, kv_cache=None, pos=0):
+    def forward(self, idx, targets=None, kv_cache=None, pos=0, all_positions=False):
         """idx (B, T): tokens at positions pos..pos+T-1. Training (targets given): (None, mean
         loss). Inference: (last position's logits (B, 1, vocab_size), None). kv_cache (generation,
-        engine.new_kv_cache): per layer the keys and values of the tokens before pos; idx's go in at pos."""
+        engine.new_kv_cache): per layer the keys and values of the tokens before pos; idx's go in at pos.
+        pos may be a (B,) tensor for one-token steps: each row at its own position (engine.Batch)."""
         B, T = idx.size()
-        assert pos + T <= self.config.block_size, f"{pos + T} positions, block_size is {self.config.block_size}"
-        assert kv_cache is None or T == 1 or pos == 0, "several tokens fill the cache from position 0"
-        positions = torch.arange(pos, pos + T, dtype=torch.long, device=idx.device)
+        if torch.is_tensor(pos):  # (B,): a one-token decoding step, each row at a position of its own
+            positions = pos.view(B, 1)
+        else:
+            assert pos + T <= self.config.block_size, f"{pos + T} positions, block_size is {self.config.block_size}"
+            assert kv_cache is None or T == 1 or pos == 0, "several tokens fill the cache from position 0"
+            positions = torch.arange(pos, pos + T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
         for i, block in enumerate(self.transformer.h):
             # generation samples from the last position only: the last block computes it alone
@@ -164,7 +179,8 @@ class GPT(nn.Module):
             loss = LinearCrossEntropy.apply(x.view(-1, x.size(-1)), self.lm_head.weight,
                                             targets.reshape(-1), self.ce_chunk_size, torch.is_grad_enabled())
             return None, loss
-        return self.lm_head(x[:, [-1], :]), None  # only the last position is needed to sample
+        # sampling needs the last position alone; all_positions: serve.py's echo scores a whole prompt
+        return self.lm_head(x if all_positions else x[:, [-1], :]), None
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, muon=None):
         """AdamW; weight decay only on matrices and embeddings (>= 2-D). Fused on CUDA and CPU:

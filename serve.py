@@ -1,23 +1,25 @@
 """
-A story playground: a web page that streams stories as they are written, and an
-OpenAI-compatible completions API, from one trained SLM model.
+A story playground and an OpenAI-compatible API, from one trained SLM model.
 
     python serve.py                                  # out/best_model_params.pt, on http://127.0.0.1:8000
     python serve.py --ckpt=export/slm-hf --port=8080 # any checkpoint, or an exported folder
     curl -N http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
          -d '{"prompt": "Once upon a time", "max_tokens": 100, "seed": 1, "stream": true}'
 
-GET / is the page. POST /v1/completions takes OpenAI's prompt, max_tokens, temperature, top_p,
-n, stream (server-sent events in OpenAI's chunk format), stop and seed, plus top_k; stories end
-at <|endoftext|> and finish_reason says why one stopped. GET /v1/models lists the model, GET
-/health says how busy the server is. With a seed, a completion is the story sample.py writes
-with the same seed and flags. The standard library's http.server is enough for this: one page,
-three small JSON routes and a stream, no framework needed.
+GET / is the page. POST /v1/completions takes OpenAI's prompt (text, token ids, or a list of
+either), max_tokens, temperature, top_p, n, stream, stop, seed, logprobs and echo, plus top_k.
+POST /v1/chat/completions takes messages instead: the story's prompt is the system messages'
+text, then the last user message's. GET /v1/models lists the model, GET /health says how busy
+the server is. docs/serve.md lists every field, what is refused, and the load figures. HTTP/1.1
+keeps connections open (streams are chunked); --cors_origin lets pages from another origin call.
 
-One worker thread runs the model: it advances each story being written by one token in turn,
-so up to `concurrency` of them stream at once; further requests wait in a queue of `queue`,
-and past that get a 429. A client that goes away stops its story at the next token.
+One worker thread runs the model through engine.Batch: each step writes the next token of every
+story being written (up to --concurrency at once), a new request joins at the next step, further
+ones wait in a queue of --queue, and past that get a 429. A client that goes away frees its row
+at the next step. With a seed, a story written alone is the one sample.py writes with the same
+seed and flags; with --batch_invariant it is the same whatever else is being written.
 """
+import codecs
 import collections
 import json
 import os
@@ -34,9 +36,9 @@ import torch
 
 from checkpoints import load_model
 from common import config_defaults, die, parse_config
-from data import get_tokenizer, story_text
+from data import get_tokenizer
 from device import autocast, pick_device, pick_dtype
-from engine import generate_stream, sampling_problem
+from engine import Batch, prompt_logprobs, sampling_problem
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'            # serves out_dir/best_model_params.pt, the best checkpoint train.py saved
@@ -44,9 +46,11 @@ ckpt = ''                  # a checkpoint file (or exported folder) to serve ins
 host = '127.0.0.1'         # the address to listen on: this machine only; 0.0.0.0 = every network
 port = 8000                # 0 = any free port (printed); in [0, 65535]
 model_name = 'slm'         # the model's id in the API (/v1/models; a request's "model" must match)
-concurrency = 4            # stories written at once, a token each in turn; in [1, inf)
+concurrency = 16           # stories written at once, one batched step for all; in [1, inf)
+batch_invariant = False    # run every step at all --concurrency rows: a seeded story then does not depend on the load
 queue = 16                 # requests that may wait for a turn; past that a 429; in [0, inf)
 max_tokens_limit = 1024    # the most tokens a request may ask for, per story; in [1, inf)
+cors_origin = ''           # the origin whose pages may call the API (http://localhost:3000, or *); '' = none
 device = 'auto'            # auto = cuda, else mps, else cpu
 dtype = 'auto'             # float32, bfloat16 or float16; auto = bf16/fp16 on GPUs, fp32 elsewhere
 # -----------------------------------------------------------------------------
@@ -54,6 +58,9 @@ dtype = 'auto'             # float32, bfloat16 or float16; auto = bf16/fp16 on G
 MAX_BODY = 1 << 20         # bytes of JSON a request may send
 MAX_STOPS = 4              # stop sequences per request, as OpenAI allows
 MAX_STOP_CHARS = 256       # characters per stop sequence (each token checks them all)
+MAX_PROMPTS = 16           # prompts in one completion request
+MAX_LOGPROBS = 5           # the most likely tokens logprobs may ask for, as OpenAI allows
+ROLES = ('system', 'developer', 'user', 'assistant')
 
 
 class BadRequest(Exception):
@@ -64,8 +71,8 @@ class BadRequest(Exception):
         self.param, self.status, self.code = param, status, code
 
 
-def check_request(body, cfg, enc, block_size):
-    """The completion request as a dict of checked values, or BadRequest naming the field."""
+def read_json(body):
+    """The request body as a dict, or BadRequest."""
     try:
         req = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -74,6 +81,52 @@ def check_request(body, cfg, enc, block_size):
         raise BadRequest("the body nests too deeply: send a flat JSON object") from None
     if not isinstance(req, dict):
         raise BadRequest("the body must be a JSON object, e.g. {\"prompt\": \"Once upon a time\"}")
+    return req
+
+
+def prompt_ids(prompt, enc, block_size):
+    """A completion's prompts as token id lists: prompt is a string, a list of token ids, or a
+    list of either."""
+    is_ids = lambda p: isinstance(p, list) and p and all(type(t) is int for t in p)
+    prompts = [prompt] if isinstance(prompt, str) or is_ids(prompt) else prompt
+    if not (isinstance(prompts, list) and 0 < len(prompts) <= MAX_PROMPTS
+            and all(isinstance(p, str) or is_ids(p) for p in prompts)):
+        raise BadRequest(f"prompt must be a string, a list of token ids, or a list of 1 to {MAX_PROMPTS} of either",
+                         param='prompt')
+    ids = [enc.encode(p, allowed_special={'<|endoftext|>'}) if isinstance(p, str) else p for p in prompts]
+    for p in ids:
+        if not all(0 <= t < enc.n_vocab for t in p):
+            raise BadRequest(f"token ids must be from 0 to {enc.n_vocab - 1} (GPT-2's BPE)", param='prompt')
+        if len(p) > block_size:
+            raise BadRequest(f"the prompt is {len(p)} tokens; this model reads at most {block_size}: shorten it",
+                             param='prompt')
+    return ids
+
+
+def chat_prompt(messages):
+    """A chat's story prompt: the system (and developer) messages' text, then the last user
+    message's, a blank line between. The model writes stories, not replies: earlier turns and
+    the assistant's are not read."""
+    if not (isinstance(messages, list) and messages):
+        raise BadRequest("messages must be a non-empty list of {\"role\": ..., \"content\": ...}", param='messages')
+    texts = {role: [] for role in ROLES}
+    for m in messages:
+        role, content = (m.get('role'), m.get('content')) if isinstance(m, dict) else (None, None)
+        if role not in ROLES:
+            raise BadRequest(f"role {json.dumps(role)} is not one of {', '.join(ROLES)}", param='messages')
+        if isinstance(content, list):  # content parts: their text
+            content = ''.join(p['text'] for p in content if isinstance(p, dict) and isinstance(p.get('text'), str))
+        if not isinstance(content, str) and not (role == 'assistant' and content is None):
+            raise BadRequest(f"a {role} message's content must be text", param='messages')
+        texts[role].append(content)
+    if not texts['user']:
+        raise BadRequest("messages need a user message: its text begins the story", param='messages')
+    return '\n\n'.join(texts['system'] + texts['developer'] + texts['user'][-1:])
+
+
+def check_request(body, cfg, enc, block_size, chat=False):
+    """The completion (or chat) request as a dict of checked values, or BadRequest naming the field."""
+    req = read_json(body)
 
     def field(name, kinds, default, ok=lambda v: True, rule=''):
         value = req.get(name)
@@ -86,39 +139,48 @@ def check_request(body, cfg, enc, block_size):
     if req.get('model') not in (None, cfg['model_name']):
         raise BadRequest(f"model {json.dumps(req['model'])} does not exist: this server has {cfg['model_name']!r}",
                          param='model', code='model_not_found')
-    prompt = req.get('prompt', '')
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise BadRequest("prompt must be a string (or a list holding one)", param='prompt')
-    ids = enc.encode(prompt, allowed_special={'<|endoftext|>'})
-    if len(ids) > block_size:
-        raise BadRequest(f"the prompt is {len(ids)} tokens; this model reads at most {block_size}: shorten it",
-                         param='prompt')
+    if chat:
+        ids = [enc.encode(chat_prompt(req.get('messages')), allowed_special={'<|endoftext|>'})]
+        if len(ids[0]) > block_size:
+            raise BadRequest(f"the prompt is {len(ids[0])} tokens; this model reads at most {block_size}: shorten "
+                             f"the messages", param='messages')
+    else:
+        ids = prompt_ids(req.get('prompt', ''), enc, block_size)
     stop = req.get('stop')
     stops = [stop] if isinstance(stop, str) else stop
     if stops is not None and not (isinstance(stops, list) and len(stops) <= MAX_STOPS
                                   and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)):
         raise BadRequest(f"stop must be a string of 1 to {MAX_STOP_CHARS} characters or a list of at most "
                          f"{MAX_STOPS} of them", param='stop')
-    number = (int, float)
+    number, limit = (int, float), cfg['max_tokens_limit']
+    echo = False if chat else field('echo', (bool,), False, rule="true or false")
+    tokens = 'max_completion_tokens' if chat and req.get('max_completion_tokens') is not None else 'max_tokens'
     checked = dict(
-        prompt=prompt, ids=ids, stops=stops or [],
-        max_tokens=field('max_tokens', (int,), 16, lambda v: 1 <= v <= cfg['max_tokens_limit'],
-                         f"a whole number from 1 to {cfg['max_tokens_limit']}"),
+        chat=chat, ids=ids, stops=stops or [], echo=echo,
+        max_tokens=field(tokens, (int,), 16, lambda v: int(not echo) <= v <= limit,
+                         f"a whole number from {int(not echo)} to {limit}"),
         temperature=field('temperature', number, 1.0, lambda v: 0 <= v <= 2, "a number from 0 to 2"),
         top_p=field('top_p', number, 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]"),
         top_k=field('top_k', (int,), None, lambda v: v >= 0, "a whole number >= 0 (0 = all tokens)"),
         n=field('n', (int,), 1, lambda v: 1 <= v <= 8, "a whole number from 1 to 8"),
         stream=field('stream', (bool,), False, rule="true or false"),
-        seed=field('seed', (int,), None, lambda v: 0 <= v < 2**63, "a whole number from 0 to 2**63 - 1"))
-    for name, unsupported in (('echo', lambda v: v not in (None, False)), ('logprobs', lambda v: v is not None),
-                              ('best_of', lambda v: v not in (None, 1)), ('suffix', lambda v: v is not None)):
+        seed=field('seed', (int,), None, lambda v: 0 <= v < 2**63, "a whole number from 0 to 2**63 - 1"),
+        logprobs=None if chat else field('logprobs', (int,), None, lambda v: 0 <= v <= MAX_LOGPROBS,
+                                         f"a whole number from 0 to {MAX_LOGPROBS}"),
+        usage_chunk=isinstance(req.get('stream_options'), dict) and req['stream_options'].get('include_usage') is True)
+    refused = [('best_of', lambda v: v not in (None, 1), ''), ('suffix', lambda v: v is not None, ''),
+               ('tools', lambda v: bool(v), ''), ('functions', lambda v: bool(v), ''),
+               ('logprobs', lambda v: chat and v not in (None, False), ' in chat: ask /v1/completions'),
+               ('echo', lambda v: checked['stream'] and v, ' with stream: ask without stream'),
+               ('logprobs', lambda v: checked['stream'] and v is not None, ' with stream: ask without stream')]
+    for name, unsupported, hint in refused:
         if unsupported(req.get(name)):
-            raise BadRequest(f"{name} is not supported by this server", param=name)
+            raise BadRequest(f"{name} is not supported by this server{hint}", param=name)
     problem = sampling_problem(checked['temperature'], checked['top_k'], checked['top_p'])
     if problem:
         raise BadRequest(problem)
+    if checked['seed'] is None:
+        checked['seed'] = random.randrange(2**63)
     return checked
 
 
@@ -128,53 +190,92 @@ def held_back(text, stops):
     return max([k for s in stops for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])], default=0)
 
 
-def completion_events(model, enc, req, device):
-    """The request's n stories as events (index, text, finish_reason): text pieces as they are
-    written, then one event with finish_reason 'stop' (<|endoftext|> or a stop sequence) or
-    'length' (max_tokens). The n stories come one after another from one random stream seeded
-    by the request's seed, as sample.py's --num_samples do."""
-    generator = torch.Generator(device=device).manual_seed(req['seed'])
-    req['completion_tokens'] = 0  # for the response's usage
-    x = torch.tensor([([enc.eot_token] + req['ids'])[-model.config.block_size:]], dtype=torch.long, device=device)
-    for index in range(req['n']):
-        tokens = []
-        stream = generate_stream(model, x, req['max_tokens'], req['temperature'], req['top_k'], req['top_p'],
-                                 eot_token=enc.eot_token, generator=generator)
-        text, sent, finish = '', 0, None
-        for piece in story_text(enc, (tokens.append(t.item()) or tokens[-1] for t in stream)):
-            text += piece
-            cuts = [i for i in (text.find(s, max(0, sent - len(s))) for s in req['stops']) if i >= 0]
-            if cuts:
-                text, finish = text[:min(cuts)], 'stop'
-                break
-            ready = len(text) - held_back(text, req['stops'])
-            if ready > sent:
-                yield index, text[sent:ready], None
-                sent = ready
-        if finish is None:
-            finish = 'stop' if tokens and tokens[-1] == enc.eot_token else 'length'
-        if len(text) > sent:
-            yield index, text[sent:], None
-        req['completion_tokens'] += len(tokens)
-        yield index, '', finish
-        stream.close()
+class Choice:
+    """One completion being written: its text as the tokens come (characters that could begin a
+    stop sequence wait for the next token), its logprobs if asked for, and why it ended."""
+
+    def __init__(self, index, enc, req):
+        self.index, self.enc, self.stops, self.top = index, enc, req['stops'], req['logprobs']
+        self.decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
+        self.text, self.start, self.sent, self.finish, self.tokens, self.cut = '', 0, 0, None, 0, False
+        self.logprobs = None if self.top is None else {'tokens': [], 'token_logprobs': [], 'top_logprobs': [],
+                                                       'text_offset': []}
+
+    def token_text(self, token):
+        return self.enc.decode_single_token_bytes(token).decode('utf-8', 'replace') if token < self.enc.n_vocab else ''
+
+    def add(self, token, logprobs):
+        """token's entry in the logprobs (logprobs: the distribution it came from, or None) and its text."""
+        if self.logprobs is not None:
+            lp = self.logprobs
+            lp['tokens'].append(self.token_text(token))
+            lp['text_offset'].append(len(self.text))
+            lp['token_logprobs'].append(None if logprobs is None else logprobs[token].item())
+            if logprobs is None:
+                lp['top_logprobs'].append(None)
+            else:  # the most likely `top`, and the token itself, as OpenAI's legacy logprobs
+                values, ids = logprobs.topk(self.top)
+                top = {self.token_text(t): v for t, v in zip(ids.tolist(), values.tolist())}
+                top[self.token_text(token)] = logprobs[token].item()
+                lp['top_logprobs'].append(top)
+        if token != self.enc.eot_token and token < self.enc.n_vocab:
+            self.text += self.decoder.decode(self.enc.decode_single_token_bytes(token))
+
+    def echo(self, ids, logprobs):
+        """The prompt first, each token scored after the ones before it (the first: null)."""
+        for i, token in enumerate(ids):
+            self.add(token, logprobs[i - 1] if i and logprobs is not None else None)
+        self.text += self.decoder.decode(b'', final=True)
+        self.start = self.sent = len(self.text)
+        return self.text
+
+    def feed(self, token, logits):
+        """The next written token; returns the text now safe to send ('' if none)."""
+        self.tokens += 1
+        self.add(token, None if self.logprobs is None else torch.log_softmax(logits.float(), dim=-1))
+        if token == self.enc.eot_token:
+            self.finish = 'stop'
+        cuts = [i for i in (self.text.find(s, max(self.start, self.sent - len(s))) for s in self.stops) if i >= 0]
+        if cuts:
+            self.text, self.finish, self.cut = self.text[:min(cuts)], 'stop', True
+            if self.logprobs is not None:  # the tokens that begin past the cut go too
+                keep = sum(o < len(self.text) for o in self.logprobs['text_offset'])
+                self.logprobs = {k: v[:keep] for k, v in self.logprobs.items()}
+        ready = len(self.text) if self.finish else len(self.text) - held_back(self.text[self.start:], self.stops)
+        piece, self.sent = self.text[self.sent:ready], max(self.sent, ready)
+        return piece
+
+    def end(self):
+        """It ended (<|endoftext|>, a stop sequence, or max_tokens): the rest of its text."""
+        if not self.cut:  # a character cut short by the end: U+FFFD, as sample.py prints it
+            self.text += self.decoder.decode(b'', final=True)
+        self.finish = self.finish or 'length'
+        piece, self.sent = self.text[self.sent:], len(self.text)
+        return piece
 
 
 class Job:
-    """One request's stories: the worker puts its events into out, then None; cancelled
-    (its client went away) stops it; error says what broke it, if something did."""
+    """One request: each prompt n times, written one after another from one random stream
+    seeded by the request's seed (as sample.py's --num_samples). The worker puts events (index,
+    text, finish_reason) into out, then None; cancelled (its client went away) stops it; error
+    says what broke it, if something did."""
 
-    def __init__(self, events):
-        self.events, self.out, self.cancelled, self.error = events, queues.SimpleQueue(), False, None
+    def __init__(self, req, device):
+        self.req, self.choices, self.seq, self.choice = req, {}, None, None
+        self.generator = torch.Generator(device=device).manual_seed(req['seed'])
+        self.todo = collections.deque((i * req['n'] + j, ids) for i, ids in enumerate(req['ids']) for j in range(req['n']))
+        self.out, self.cancelled, self.error = queues.SimpleQueue(), False, None
 
 
 class Worker:
-    """The one thread that runs the model. Each round advances every active job by one event
-    (about a token), so up to concurrency stories are written at once; waiting jobs start as
-    active ones finish."""
+    """The one thread that runs the model: each round starts the next story of any job without
+    one, then runs one Batch step for every story being written. Up to concurrency jobs write at
+    once; waiting jobs start as active ones finish."""
 
-    def __init__(self, concurrency, queue_size, ctx):
-        self.concurrency, self.queue_size, self.ctx = concurrency, queue_size, ctx
+    def __init__(self, model, enc, cfg, ctx):
+        self.model, self.enc, self.cfg, self.ctx = model, enc, cfg, ctx
+        self.concurrency, self.queue_size = cfg['concurrency'], cfg['queue']
+        self.batch = Batch(model, self.concurrency, cfg['batch_invariant'])
         self.waiting, self.active = collections.deque(), []
         self.changed = threading.Condition()
         threading.Thread(target=self.run, daemon=True).start()
@@ -201,19 +302,65 @@ class Worker:
                     while self.waiting and len(self.active) < self.concurrency:
                         self.active.append(self.waiting.popleft())
                     jobs = list(self.active)
-                for job in jobs:
-                    try:
-                        event = None if job.cancelled else next(job.events, None)
-                    except Exception as e:  # a bug, or the device failing: this request fails, the server goes on
-                        print(f"error: a story failed: {e!r}", file=sys.stderr, flush=True)
-                        event, job.error = None, f"generation failed ({e.__class__.__name__})"
-                    if event is None:  # done, failed, or its client went away
-                        job.events.close()
-                        job.out.put(None)
-                        with self.changed:
-                            self.active.remove(job)
-                    else:
-                        job.out.put(event)
+                try:
+                    for job in jobs:
+                        if job.cancelled or (job.seq is None and not self.start_next(job)):
+                            self.finish(job)
+                    for seq, token, logits in self.batch.step():
+                        self.take(seq.job, token, logits)
+                except Exception as e:  # a bug, or the device failing: these requests fail, the server goes on
+                    print(f"error: a story failed: {e!r}", file=sys.stderr, flush=True)
+                    for job in list(self.active):
+                        job.error, job.seq = f"generation failed ({e.__class__.__name__})", None
+                        self.finish(job)
+                    self.batch = Batch(self.model, self.concurrency, self.cfg['batch_invariant'])
+
+    def start_next(self, job):
+        """Start job's next story in the batch (an echo with max_tokens 0 needs no step);
+        False once it has none left."""
+        req = job.req
+        while job.todo:
+            index, ids = job.todo.popleft()
+            job.choice = choice = Choice(index, self.enc, req)
+            if req['echo']:
+                scores = prompt_logprobs(self.model, ids) if req['logprobs'] is not None and len(ids) > 1 else None
+                job.out.put((index, choice.echo(ids, scores), None))
+            if req['max_tokens'] == 0:
+                self.end_choice(job)
+                continue
+            # a story begins after <|endoftext|>, as sample.py's do; the window keeps the last block_size tokens
+            context = ([self.enc.eot_token] + ids)[-self.model.config.block_size:]
+            job.seq = self.batch.add(context, req['max_tokens'], req['temperature'], req['top_k'], req['top_p'],
+                                     job.generator)
+            job.seq.job = job
+            return True
+        return False
+
+    def take(self, job, token, logits):
+        """job's story got its next token."""
+        piece = job.choice.feed(token, logits)
+        if piece:
+            job.out.put((job.choice.index, piece, None))
+        if job.choice.finish or job.seq.left == 0:
+            if job.seq.left > 0:  # it ended before max_tokens: it is still in the batch
+                self.batch.remove(job.seq)
+            job.seq = None
+            self.end_choice(job)
+
+    def end_choice(self, job):
+        piece = job.choice.end()
+        if piece:
+            job.out.put((job.choice.index, piece, None))
+        job.choices[job.choice.index] = job.choice
+        job.out.put((job.choice.index, '', job.choice.finish))
+
+    def finish(self, job):
+        if job.seq is not None and job.seq.left > 0:
+            self.batch.remove(job.seq)
+        job.seq = None
+        job.out.put(None)
+        with self.changed:
+            self.active.remove(job)
 
 
 def client_gone(sock):
@@ -237,13 +384,45 @@ def error_body(status, message, param=None, code=None):
     return {'error': {'message': message, 'type': kind, 'param': param, 'code': code}}
 
 
+def stream_chunk(req, head, index, text, finish):
+    """One server-sent chunk in OpenAI's layout: a completion's text, or a chat's delta."""
+    if not req['chat']:
+        return {**head, 'choices': [{'text': text, 'index': index, 'logprobs': None, 'finish_reason': finish}]}
+    delta = {} if finish else {'content': text} if text else {'role': 'assistant', 'content': ''}
+    return {**head, 'choices': [{'index': index, 'delta': delta, 'logprobs': None, 'finish_reason': finish}]}
+
+
+def response(req, head, job, texts):
+    """The whole answer of a request that did not stream."""
+    completion_tokens = sum(c.tokens for c in job.choices.values())
+    prompt_tokens = sum(len(ids) for ids in req['ids'])
+    choices = [job.choices[i] for i in range(len(texts))]
+    if req['chat']:
+        choices = [{'index': c.index, 'message': {'role': 'assistant', 'content': texts[c.index]}, 'logprobs': None,
+                    'finish_reason': c.finish} for c in choices]
+    else:
+        choices = [{'text': texts[c.index], 'index': c.index, 'logprobs': c.logprobs, 'finish_reason': c.finish}
+                   for c in choices]
+    return {**head, 'choices': choices, 'usage': {'prompt_tokens': prompt_tokens, 'completion_tokens': completion_tokens,
+                                                  'total_tokens': prompt_tokens + completion_tokens}}
+
+
 class Handler(BaseHTTPRequestHandler):
     server_version = 'SLM'
-    timeout = 60  # seconds a socket read or write may hang: a client that stops sending mid-body
+    protocol_version = 'HTTP/1.1'  # keep-alive: a client's next request reuses its connection
+    timeout = 60  # seconds a socket read or write may hang (and an idle connection stays open)
     app = None  # set by main(): the model, tokenizer, worker and config
 
     def log_message(self, fmt, *args):  # one short line per request on stderr
         sys.stderr.write(f"{self.address_string()} {fmt % args}\n")
+
+    def end_headers(self):
+        origin = self.app['cfg']['cors_origin']
+        if origin:  # CORS: pages from that origin may read the answers
+            self.send_header('Access-Control-Allow-Origin', origin)
+            if origin != '*':
+                self.send_header('Vary', 'Origin')
+        super().end_headers()
 
     def send_body(self, status, body, content_type):
         self.send_response(status)
@@ -257,6 +436,20 @@ class Handler(BaseHTTPRequestHandler):
 
     def send_error_json(self, status, message, param=None, code=None):
         self.send_json(status, error_body(status, message, param, code))
+
+    def send_event(self, data):
+        """One server-sent event, as one chunk of the chunked answer."""
+        event = f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
+        self.wfile.write(b'%x\r\n%s\r\n' % (len(event), event))
+        self.wfile.flush()
+
+    def do_OPTIONS(self):  # a browser's CORS preflight; without --cors_origin the browser then refuses
+        self.send_response(204)
+        self.send_header('Access-Control-Allow-Methods', 'GET, POST, OPTIONS')
+        self.send_header('Access-Control-Allow-Headers', 'Content-Type, Authorization')
+        self.send_header('Access-Control-Max-Age', '86400')
+        self.send_header('Content-Length', '0')
+        self.end_headers()
 
     def do_GET(self):
         app = self.app
@@ -275,9 +468,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def relay_events(self, job, req, head):
         """The job's events until it ends, each sent on as a server-sent chunk if the request
-        streams; returns each story's text and finish_reason. ConnectionAbortedError (an OSError)
-        if the client goes away."""
-        texts, finishes = [''] * req['n'], [None] * req['n']
+        streams; returns each choice's text. ConnectionAbortedError (an OSError) if the client
+        goes away."""
+        texts = [''] * (len(req['ids']) * req['n'])
+        if req['stream'] and req['chat']:
+            for index in range(len(texts)):
+                self.send_event(stream_chunk(req, head, index, '', None))  # the role comes first
         while True:
             try:
                 event = job.out.get(timeout=0.5)
@@ -286,51 +482,54 @@ class Handler(BaseHTTPRequestHandler):
                     raise ConnectionAbortedError
                 continue
             if event is None:
-                return texts, finishes
+                return texts
             index, text, finish = event
             texts[index] += text
-            finishes[index] = finish or finishes[index]
             if req['stream']:
-                choice = {'text': text, 'index': index, 'logprobs': None, 'finish_reason': finish}
-                self.wfile.write(f"data: {json.dumps({**head, 'choices': [choice]})}\n\n".encode())
-                self.wfile.flush()
+                self.send_event(stream_chunk(req, head, index, text, finish))
             elif client_gone(self.connection):
                 raise ConnectionAbortedError
 
     def do_POST(self):
         app = self.app
-        if self.path != '/v1/completions':
-            return self.send_error_json(404, f"no route POST {self.path}: try POST /v1/completions")
+        if self.path not in ('/v1/completions', '/v1/chat/completions'):
+            self.close_connection = True  # its body is not read
+            return self.send_error_json(404, f"no route POST {self.path}: try /v1/completions or /v1/chat/completions")
         try:
             length = int(self.headers.get('Content-Length') or 0)
             if not 0 < length <= MAX_BODY:
+                self.close_connection = True  # the body is not read: the connection cannot serve another request
                 raise BadRequest(f"the body must be 1 byte to {MAX_BODY} bytes of JSON (Content-Length: {length})")
             body = self.rfile.read(length)
-            req = check_request(body, app['cfg'], app['enc'], app['model'].config.block_size)
+            req = check_request(body, app['cfg'], app['enc'], app['model'].config.block_size,
+                                chat=self.path == '/v1/chat/completions')
         except (BadRequest, ValueError, TimeoutError) as e:
+            self.close_connection = self.close_connection or not isinstance(e, BadRequest)
             return self.send_error_json(getattr(e, 'status', 400), str(e), getattr(e, 'param', None),
                                         getattr(e, 'code', None))
-        if req['seed'] is None:
-            req['seed'] = random.randrange(2**63)
-        job = Job(completion_events(app['model'], app['enc'], req, app['device']))
+        job = Job(req, app['device'])
         if not app['worker'].submit(job):
-            job.events.close()
             active, waiting = app['worker'].load()
             return self.send_error_json(429, f"the server is busy: {active} being written, {waiting} waiting "
                                              f"(--concurrency, --queue); retry in a moment")
-        completion_id, created = f"cmpl-{random.getrandbits(64):016x}", int(time.time())
-        head = {'id': completion_id, 'object': 'text_completion', 'created': created, 'model': app['cfg']['model_name']}
+        kind = ('chatcmpl', 'chat.completion') if req['chat'] else ('cmpl', 'text_completion')
+        head = {'id': f"{kind[0]}-{random.getrandbits(64):016x}", 'object': kind[1] + ('.chunk' if req['stream'] and
+                req['chat'] else ''), 'created': int(time.time()), 'model': app['cfg']['model_name']}
         if req['stream']:
             self.send_response(200)
             self.send_header('Content-Type', 'text/event-stream')
             self.send_header('Cache-Control', 'no-cache')
+            self.send_header('Transfer-Encoding', 'chunked')
             self.end_headers()
         try:
-            texts, finishes = self.relay_events(job, req, head)
+            texts = self.relay_events(job, req, head)
             if req['stream']:
                 if job.error:
-                    self.wfile.write(f"data: {json.dumps(error_body(500, job.error))}\n\n".encode())
-                self.wfile.write(b"data: [DONE]\n\n")
+                    self.send_event(error_body(500, job.error))
+                elif req['usage_chunk']:
+                    self.send_event({**response(req, head, job, texts), 'choices': []})
+                self.send_event('[DONE]')
+                self.wfile.write(b'0\r\n\r\n')  # the chunked answer's end
                 return
         except OSError:  # the client went away (reset, broken pipe, a write timed out)
             self.close_connection = True
@@ -339,11 +538,7 @@ class Handler(BaseHTTPRequestHandler):
             job.cancelled = True  # the worker stops the story at its next turn if it is not done
         if job.error:
             return self.send_error_json(500, job.error)
-        completion_tokens = req['completion_tokens']
-        self.send_json(200, {**head, 'choices': [
-            {'text': t, 'index': i, 'logprobs': None, 'finish_reason': f} for i, (t, f) in enumerate(zip(texts, finishes))],
-            'usage': {'prompt_tokens': len(req['ids']), 'completion_tokens': completion_tokens,
-                      'total_tokens': len(req['ids']) + completion_tokens}})
+        self.send_json(200, response(req, head, job, texts))
 
 
 def main(argv=None):
@@ -362,7 +557,7 @@ def main(argv=None):
         die(f"cannot listen on {cfg['host']}:{cfg['port']} ({e.strerror}): pick another --port or --host")
     server.daemon_threads = True
     Handler.app = dict(cfg=cfg, model=model, enc=enc, device=dev, created=int(time.time()),
-                       worker=Worker(cfg['concurrency'], cfg['queue'], autocast(dev, pick_dtype(cfg['dtype'], dev))))
+                       worker=Worker(model, enc, cfg, autocast(dev, pick_dtype(cfg['dtype'], dev))))
     bound_host, bound_port = server.server_address[:2]
     print(f"serving {path} as {cfg['model_name']!r} on http://{bound_host}:{bound_port}/ (Ctrl-C stops)", flush=True)
     try:

@@ -129,10 +129,13 @@ def test_generation_limit_follows_generate_schedule(prompt_len, n, expected):
 
 
 def test_serve_streams_stories_at_each_client_count(tmp_path):
-    """serve.py as a subprocess under 1 and 3 clients: every stream completes, none rejected."""
-    r, res = run_bench(tmp_path, '--what=serve', *TINY_MODEL, '--clients=1,3', '--max_tokens=8')
+    """serve.py as subprocesses under 1 and 3 clients, batching, --batch_invariant and a --baseline
+    serve.py side by side, level by level: every stream completes, none rejected."""
+    r, res = run_bench(tmp_path, '--what=serve', *TINY_MODEL, '--clients=1,3', '--max_tokens=8', '--concurrency=4',
+                       '--baseline=serve.py')
     check_header(r.stdout, 'serve')
-    assert [row['clients'] for row in res['serve']] == [1, 3]
+    assert [(row['server'], row['clients']) for row in res['serve']] == [
+        (server, n) for n in (1, 3) for server in ('batching', 'batch-invariant', 'baseline')]
     for row in res['serve']:
         assert row['streams'] == max(2, -(-16 // row['clients'])) * row['clients'] and row['rejected'] == 0
         assert 0 < row['ttft_median'] <= row['ttft_p90'] and row['tokens_per_s'] == pytest.approx(8 * row['streams_per_s'])
