@@ -5,7 +5,7 @@ Benchmark SLM on this machine, against limits measured on this machine in the sa
     python bench.py --what=train     # the training step: tokens/s, ms/iter, MFU, peak memory
     python bench.py --what=sample    # generation tokens/s, time to first token, vs the weight-read limit
     python bench.py --what=prepare   # tokenizing MB/s vs one core's encode_ordinary rate x cores
-    python bench.py --what=serve     # serve.py: streams/s and time to first token at 1, 4, 16 clients
+    python bench.py --what=serve     # serve.py at 1, 4, 16 clients, batching and --batch_invariant (--baseline=OLD/serve.py)
     python bench.py --what=train --batch_size=16 --dtype=bfloat16 --compile=True --threads=2
 
 nanoGPT's MFU divides by an A100's datasheet peak, which says nothing on a CPU or an H100.
@@ -490,15 +490,19 @@ def stream_story(url, cfg, seed):
     return first, time.perf_counter() - t0, chunks, r.status
 
 
-def start_server(script, args, cfg, ckpt, device, dtype, levels):
+def start_server(name, script, args, cfg, ckpt, device, dtype, levels):
     """script (a serve.py) on a free port with the bench model: (process, its URL)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    errors = open(f'{ckpt}.{name}.err', 'w')  # a file, not a pipe: a full pipe would stall the server
     server = subprocess.Popen([sys.executable, script, f'--ckpt={ckpt}', '--port=0', f'--device={device}',
                                f'--dtype={dtype}', f"--concurrency={cfg['concurrency']}", f"--queue={max(levels)}",
                                f"--max_tokens_limit={cfg['max_tokens']}", *args],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                              stdout=subprocess.PIPE, stderr=errors, text=True, env=env,
                               cwd=os.path.dirname(os.path.abspath(script)))
-    url = next(m.group(1) for line in server.stdout if (m := re.search(r'on (http://[\d.]+:\d+)/', line)))
+    url = next((m.group(1) for line in server.stdout if (m := re.search(r'on (http://[\d.]+:\d+)/', line))), None)
+    if url is None:
+        said = open(errors.name).read().strip().splitlines()
+        die(f"{script} did not start: {said[-1] if said else f'exit code {server.wait()}'}")
     stream_story(url, cfg, 0)  # warm-up: first-call allocations, packed weights
     return server, url
 
@@ -538,7 +542,7 @@ def bench_serve(cfg, device, dtype):
         torch.save({'model': model.state_dict(), 'model_args': vars(model.config)}, ckpt)
         try:
             for name, script, args in kinds:
-                servers.append((name, *start_server(script, args, cfg, ckpt, device, dtype, levels)))
+                servers.append((name, *start_server(name, script, args, cfg, ckpt, device, dtype, levels)))
             for n in levels:
                 for name, _, url in servers:
                     rows.append({'server': name, **serve_level(url, cfg, n)})
