@@ -84,9 +84,9 @@ def read_json(body):
     return req
 
 
-def prompt_ids(prompt, enc, block_size):
+def prompt_ids(prompt, enc, block_size, param='prompt'):
     """A completion's prompts as token id lists: prompt is a string, a list of token ids, or a
-    list of either."""
+    list of either. param: the field a prompt too long is blamed on."""
     is_ids = lambda p: isinstance(p, list) and p and all(type(t) is int for t in p)
     prompts = [prompt] if isinstance(prompt, str) or is_ids(prompt) else prompt
     if not (isinstance(prompts, list) and 0 < len(prompts) <= MAX_PROMPTS
@@ -99,7 +99,7 @@ def prompt_ids(prompt, enc, block_size):
             raise BadRequest(f"token ids must be from 0 to {enc.n_vocab - 1} (GPT-2's BPE)", param='prompt')
         if len(p) > block_size:
             raise BadRequest(f"the prompt is {len(p)} tokens; this model reads at most {block_size}: shorten it",
-                             param='prompt')
+                             param=param)
     return ids
 
 
@@ -140,10 +140,7 @@ def check_request(body, cfg, enc, block_size, chat=False):
         raise BadRequest(f"model {json.dumps(req['model'])} does not exist: this server has {cfg['model_name']!r}",
                          param='model', code='model_not_found')
     if chat:
-        ids = [enc.encode(chat_prompt(req.get('messages')), allowed_special={'<|endoftext|>'})]
-        if len(ids[0]) > block_size:
-            raise BadRequest(f"the prompt is {len(ids[0])} tokens; this model reads at most {block_size}: shorten "
-                             f"the messages", param='messages')
+        ids = prompt_ids(chat_prompt(req.get('messages')), enc, block_size, param='messages')
     else:
         ids = prompt_ids(req.get('prompt', ''), enc, block_size)
     stop = req.get('stop')
