@@ -188,8 +188,6 @@ def write_dataset(out_dir, split_tasks, sources, num_proc=0):
     try:
         splits = {split: write_split(split, tokenize(encode, tasks, pool, num_proc), tmp[split], total)
                   for split, (encode, tasks, total) in split_tasks.items()}
-        if pool is not None:
-            pool.shutdown()
         if os.path.exists(meta_path):
             os.remove(meta_path)
         for split in splits:
@@ -203,8 +201,8 @@ def write_dataset(out_dir, split_tasks, sources, num_proc=0):
     except BrokenProcessPool:
         die("a tokenizer process died (out of memory, or killed): run again, with fewer --num_proc")
     finally:
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+        if pool is not None:  # waits for the tasks already running (each a few stories); never
+            pool.shutdown(cancel_futures=True)  # wait=False: its exit-time wakeup races (EBADF)
         for path in tmp.values():
             if os.path.exists(path):
                 os.remove(path)
