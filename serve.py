@@ -265,9 +265,9 @@ class Job:
 
 
 class Worker:
-    """The one thread that runs the model: each round starts the next story of any job without
-    one, then runs one Batch step for every story being written. Up to concurrency jobs write at
-    once; waiting jobs start as active ones finish."""
+    """What runs the model, in the main thread (main): each round starts the next story of any
+    job without one, then runs one Batch step for every story being written. Up to concurrency
+    jobs write at once; waiting jobs start as active ones finish."""
 
     def __init__(self, model, enc, cfg, ctx):
         self.model, self.enc, self.cfg, self.ctx = model, enc, cfg, ctx
@@ -275,7 +275,6 @@ class Worker:
         self.batch = Batch(model, self.concurrency, cfg['batch_invariant'])
         self.waiting, self.active = collections.deque(), []
         self.changed = threading.Condition()
-        threading.Thread(target=self.run, daemon=True).start()
 
     def submit(self, job):
         """Queue job; False if the queue is full (the caller answers 429)."""
@@ -553,12 +552,16 @@ def main(argv=None):
     except OSError as e:
         die(f"cannot listen on {cfg['host']}:{cfg['port']} ({e.strerror}): pick another --port or --host")
     server.daemon_threads = True
-    Handler.app = dict(cfg=cfg, model=model, enc=enc, device=dev, created=int(time.time()),
-                       worker=Worker(model, enc, cfg, autocast(dev, pick_dtype(cfg['dtype'], dev))))
+    worker = Worker(model, enc, cfg, autocast(dev, pick_dtype(cfg['dtype'], dev)))
+    Handler.app = dict(cfg=cfg, model=model, enc=enc, device=dev, created=int(time.time()), worker=worker)
     bound_host, bound_port = server.server_address[:2]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     print(f"serving {path} as {cfg['model_name']!r} on http://{bound_host}:{bound_port}/ (Ctrl-C stops)", flush=True)
     try:
-        server.serve_forever()
+        # the model runs in the thread that loaded it: OpenMP keeps a team of threads per thread
+        # that runs parallel ops, and a second team (more threads than cores) makes every team
+        # wait for sleeping threads at each of a step's many small parallel ops: 1.7x slower steps
+        worker.run()
     except KeyboardInterrupt:
         print()
 

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -508,6 +509,19 @@ def test_past_the_queue_a_request_gets_a_429_and_the_others_finish(slow_server):
     assert b'200 OK' in answer.split(b'\r\n')[0] and b'"finish_reason": "length"' in answer
     waiting.close()
     assert wait_until_idle(slow_server, 30) is not None
+
+
+def test_ctrl_c_stops_the_server_while_it_writes(tmp_path):
+    path = tiny_checkpoint(tmp_path / 'model.pt', block_size=64, n_layer=4, n_head=4, n_embd=128)
+    proc, url, _ = start_server(f'--ckpt={path}')
+    sock = stream_request(url, max_tokens=1024)  # seconds of writing left
+    proc.send_signal(signal.SIGINT)
+    try:
+        assert proc.wait(10) == 0
+    finally:
+        proc.kill()
+        sock.close()
+    assert 'Traceback' not in proc.stderr.read()
 
 
 def test_listening_beyond_this_machine_says_what_it_exposes(ckpt_path):
