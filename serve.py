@@ -537,6 +537,11 @@ class Handler(BaseHTTPRequestHandler):
         self.send_json(200, response(req, head, job, texts))
 
 
+class Server(ThreadingHTTPServer):
+    daemon_threads = True  # a stream still being written does not hold up Ctrl-C
+    request_queue_size = 128  # connections not yet accepted: past socketserver's 5, a burst of clients got resets
+
+
 def main(argv=None):
     cfg = parse_config(config_defaults(globals()), argv, script=__file__)
     path = cfg['ckpt'] or os.path.join(cfg['out_dir'], 'best_model_params.pt')
@@ -548,10 +553,9 @@ def main(argv=None):
         print(f"warning: listening on {cfg['host']}: anyone who can reach this machine on port {cfg['port']} can "
               f"use the model, its page and its API, with no password and no encryption", flush=True)
     try:
-        server = ThreadingHTTPServer((cfg['host'], cfg['port']), Handler)
+        server = Server((cfg['host'], cfg['port']), Handler)
     except OSError as e:
         die(f"cannot listen on {cfg['host']}:{cfg['port']} ({e.strerror}): pick another --port or --host")
-    server.daemon_threads = True
     worker = Worker(model, enc, cfg, autocast(dev, pick_dtype(cfg['dtype'], dev)))
     Handler.app = dict(cfg=cfg, model=model, enc=enc, device=dev, created=int(time.time()), worker=worker)
     bound_host, bound_port = server.server_address[:2]

@@ -290,6 +290,17 @@ def test_one_connection_serves_request_after_request(server):
     assert all(s is sockets[0] for s in sockets)
 
 
+def test_a_burst_of_clients_connecting_at_once_all_get_their_stories(server):
+    statuses = []
+    threads = [threading.Thread(target=lambda i=i: statuses.append(
+        post(server, {'prompt': 'Once', 'max_tokens': 5, 'seed': i})[0])) for i in range(32)]  # 16 write, 16 wait
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert statuses == [200] * 32
+
+
 def test_cors_only_for_the_origin_given(ckpt_path, server):
     proc, url, _ = start_server(f'--ckpt={ckpt_path}', '--cors_origin=http://localhost:3000')
     try:
