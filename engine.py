@@ -5,6 +5,7 @@ sampling, the streaming loop, then MKL's packed GEMM for decoding on x86 CPUs (o
 It runs any model with GPT's forward(idx, kv_cache=, pos=), config and GPT-2 module names, and
 imports nothing of model.py: model.py imports it for GPT.generate and GPT.generate_stream.
 """
+import collections
 import contextlib
 import functools
 import math
@@ -156,12 +157,18 @@ class Batch:
                     window = torch.tensor([seq.tokens[-run:]], device=self.pad.device)
                     cache = [(k[seq.row:seq.row + 1], v[seq.row:seq.row + 1]) for k, v in self.cache]
                     logits[seq] = self.model(window, kv_cache=cache, pos=0)[0][0, -1]
-        out = []
+        # stories with the same options draw in one call, each from its own generator; the
+        # nucleus (top_p) may sort a whole batch, whose order of equal values is not a row's alone
+        groups = collections.defaultdict(list)
         for seq, _, _ in runs:
-            token = sample_logits(logits[seq].unsqueeze(0), *seq.sampling, seq.generator).item()
-            seq.tokens.append(token)
-            seq.left -= 1
-            out.append((seq, token, logits[seq]))
+            temperature, top_k, top_p = seq.sampling
+            groups[seq.sampling if top_p is None or top_p >= 1 else seq].append(seq)
+        for seqs in groups.values():
+            rows = torch.stack([logits[seq] for seq in seqs])
+            for seq, token in zip(seqs, sample_logits(rows, *seqs[0].sampling, [s.generator for s in seqs]).tolist()):
+                seq.tokens.append(token)
+                seq.left -= 1
+        out = [(seq, seq.tokens[-1], logits[seq]) for seq, _, _ in runs]
         for seq in [seq for seq in self.running if seq.left == 0]:
             self.remove(seq)
         return out
@@ -192,7 +199,8 @@ def sampling_problem(temperature, top_k, top_p):
 def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """One token id per row of logits (B, V): argmax at temperature 0, else a draw from
     softmax(logits / temperature) restricted to the top_k most likely tokens and then to
-    the nucleus: the fewest most-likely tokens whose probabilities add up to >= top_p."""
+    the nucleus: the fewest most-likely tokens whose probabilities add up to >= top_p.
+    generator: as draw's."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     nucleus = top_p is not None and top_p < 1.0
@@ -219,14 +227,17 @@ def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=Non
 
 def draw(probs, generator=None):
     """One index per row of probs (B, V), index i with probability probs[i] / probs.sum(),
-    from generator (None: torch's global one).
+    from generator (None: torch's global one; a list: one per row, each drawing as alone).
 
     Inverse CDF: one uniform number per row. (torch.multinomial draws one exponential per
     entry: about 1 ms per token on a CPU over 50k tokens, a tenth of a generation step.)
     """
     cdf = probs.cumsum(dim=-1)
     total = cdf[:, -1:]
-    u = torch.rand(total.shape, generator=generator, dtype=total.dtype, device=total.device)
+    if isinstance(generator, list):
+        u = torch.cat([torch.rand((1, 1), generator=g, dtype=total.dtype, device=total.device) for g in generator])
+    else:
+        u = torch.rand(total.shape, generator=generator, dtype=total.dtype, device=total.device)
     u *= torch.nextafter(total, torch.zeros_like(total))  # in [0, total)
     # the first entry whose cdf exceeds u; zero-probability entries never are the first
     return torch.searchsorted(cdf, u, right=True).squeeze(1)

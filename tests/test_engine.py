@@ -288,14 +288,14 @@ def test_top_k_zero_means_all_tokens_as_none_does():
 
 
 def run_batch(model, stories, size, invariant, join_every=1):
-    """engine.Batch writing stories [(ids, max_new_tokens, seed)], the next joining every join_every
-    steps while a row is free: per story its [(token, logits)]."""
+    """engine.Batch writing stories [(ids, max_new_tokens, seed, (temperature, top_k, top_p))], the
+    next joining every join_every steps while a row is free: per story its [(token, logits)]."""
     from engine import Batch
     batch, out, waiting, step = Batch(model, size, invariant), {}, list(enumerate(stories)), 0
     while waiting or batch.running:
         if waiting and len(batch.running) < size and step % join_every == 0:
-            i, (ids, n, seed) = waiting.pop(0)
-            batch.add(ids, n, 0.9, 20, None, torch.Generator().manual_seed(seed)).i = i
+            i, (ids, n, seed, sampling) = waiting.pop(0)
+            batch.add(ids, n, *sampling, torch.Generator().manual_seed(seed)).i = i
         for seq, token, logits in batch.step():
             out.setdefault(seq.i, []).append((token, logits.clone()))
         step += 1
@@ -304,15 +304,17 @@ def run_batch(model, stories, size, invariant, join_every=1):
 
 def test_a_batch_writes_each_story_as_it_would_be_written_alone():
     """Stories joining and leaving a Batch at different steps, some past block_size (the window
-    re-runs): alone, a story is generate_stream's; with batch_invariant, its logits are bit for bit
-    the same whatever else is in the batch."""
+    re-runs), with sampling options of their own or shared: alone, a story is generate_stream's;
+    with batch_invariant, its logits and tokens are bit for bit the same whatever else is in the batch."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, n_layer=2, n_head=4, n_embd=128, dropout=0.0), verbose=False).eval()
-    stories = [([1 + i, 7, 3][:1 + i % 3], 10 + 5 * i, i) for i in range(6)]
-    for ids, n, seed in stories:
-        alone = [t.item() for t in generate_stream(model, torch.tensor([ids]), n, 0.9, 20,
+    options = [(0.9, 20, None), (1.0, None, 0.8), (0.0, None, None), (0.9, 20, None), (1.0, 50, None)]
+    stories = [([1 + i, 7, 3][:1 + i % 3], 10 + 5 * i, i, options[i % 5]) for i in range(7)]
+    for story in stories:
+        ids, n, seed, sampling = story
+        alone = [t.item() for t in generate_stream(model, torch.tensor([ids]), n, *sampling,
                                                    generator=torch.Generator().manual_seed(seed))]
-        assert [t for t, _ in run_batch(model, [(ids, n, seed)], 4, False)[0]] == alone
+        assert [t for t, _ in run_batch(model, [story], 4, False)[0]] == alone
     alone = [run_batch(model, [story], 4, True)[0] for story in stories]
     for join_every in (1, 3):
         crowd = run_batch(model, stories, 4, True, join_every)
