@@ -130,13 +130,14 @@ def test_generation_limit_follows_generate_schedule(prompt_len, n, expected):
 
 def test_serve_streams_stories_at_each_client_count(tmp_path):
     """serve.py as subprocesses under 1 and 3 clients, batching, --batch_invariant and a --baseline
-    serve.py side by side, level by level: every stream completes, none rejected."""
+    serve.py side by side, level by level, twice over: every stream completes, none rejected."""
     r, res = run_bench(tmp_path, '--what=serve', *TINY_MODEL, '--clients=1,3', '--max_tokens=8', '--concurrency=4',
-                       '--baseline=serve.py')
+                       '--baseline=serve.py', '--repeats=2')
     check_header(r.stdout, 'serve')
     assert [(row['server'], row['clients']) for row in res['serve']] == [
         (server, n) for n in (1, 3) for server in ('batching', 'batch-invariant', 'baseline')]
     for row in res['serve']:
         assert row['streams'] == max(2, -(-16 // row['clients'])) * row['clients'] and row['rejected'] == 0
         assert 0 < row['ttft_median'] <= row['ttft_p90'] and row['tokens_per_s'] == pytest.approx(8 * row['streams_per_s'])
+        assert row['tokens_per_s'] == min(row['tokens_per_s_runs']) and len(row['tokens_per_s_runs']) == 2
     assert 'streams/s' in r.stdout and 'first token median' in r.stdout
