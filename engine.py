@@ -161,7 +161,7 @@ class Batch:
         # nucleus (top_p) may sort a whole batch, whose order of equal values is not a row's alone
         groups = collections.defaultdict(list)
         for seq, _, _ in runs:
-            temperature, top_k, top_p = seq.sampling
+            top_p = seq.sampling[2]
             groups[seq.sampling if top_p is None or top_p >= 1 else seq].append(seq)
         for seqs in groups.values():
             rows = torch.stack([logits[seq] for seq in seqs])
