@@ -183,11 +183,9 @@ class GPT(nn.Module):
         return self.lm_head(x if all_positions else x[:, [-1], :]), None
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, muon=None):
-        """AdamW; weight decay only on matrices and embeddings (>= 2-D). Fused on CUDA and CPU:
-        one kernel per step instead of a loop of per-tensor ops, faster and with no
-        parameter-sized temporaries (on CPU that is ~0.1 GB off the training step's peak).
-        muon (a dict of lr, momentum, weight_decay): the 2-D weights inside the blocks
-        move by Muon instead, each q, k and v of c_attn as a matrix of its own (optim.py)."""
+        """AdamW, weight decay only on matrices and embeddings (>= 2-D); fused on CUDA and CPU (one
+        kernel per step, no parameter-sized temporaries: ~0.1 GB off a CPU step's peak). muon (lr,
+        momentum, weight_decay): the blocks' 2-D weights move by Muon, q, k, v apart (optim.py)."""
         hidden = {id(p): name for name, p in self.transformer.h.named_parameters() if p.dim() == 2} if muon else {}
         params = [p for p in self.parameters() if p.requires_grad and id(p) not in hidden]
         groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
@@ -220,9 +218,3 @@ class GPT(nn.Module):
         engine.generate. Call model.eval() first."""
         return engine.generate(self, idx, max_new_tokens, temperature, top_k, top_p, eot_token,
                                use_kv_cache, fast_window)
-
-    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eot_token=None,
-                        use_kv_cache=True, fast_window=False, generator=None):
-        """Each row's next token, step by step: engine.generate_stream."""
-        return engine.generate_stream(self, idx, max_new_tokens, temperature, top_k, top_p, eot_token,
-                                      use_kv_cache, fast_window, generator)

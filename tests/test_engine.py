@@ -175,7 +175,7 @@ def test_fast_window_keeps_half_the_window_and_differs_from_exact_only_past_bloc
 def test_generate_stream_yields_what_generate_returns():
     model = tiny_model()
     idx = prompts(2, 3)
-    steps = list(model.generate_stream(idx, 12, temperature=0))
+    steps = list(generate_stream(model, idx, 12, temperature=0))
     assert len(steps) == 12 and all(s.shape == (2,) for s in steps)
     assert torch.equal(torch.stack(steps, dim=1), model.generate(idx, 12, temperature=0)[:, 3:])
 
