@@ -493,12 +493,12 @@ def stream_story(url, cfg, seed):
 def start_server(name, script, args, cfg, ckpt, device, dtype, levels):
     """script (a serve.py) on a free port with the bench model: (process, its URL)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
-    errors = open(f'{ckpt}.{name}.err', 'w')  # a file, not a pipe: a full pipe would stall the server
-    server = subprocess.Popen([sys.executable, script, f'--ckpt={ckpt}', '--port=0', f'--device={device}',
-                               f'--dtype={dtype}', f"--concurrency={cfg['concurrency']}", f"--queue={max(levels)}",
-                               f"--max_tokens_limit={cfg['max_tokens']}", *args],
-                              stdout=subprocess.PIPE, stderr=errors, text=True, env=env,
-                              cwd=os.path.dirname(os.path.abspath(script)))
+    with open(f'{ckpt}.{name}.err', 'w') as errors:  # a file, not a pipe: a full pipe would stall the server
+        server = subprocess.Popen([sys.executable, script, f'--ckpt={ckpt}', '--port=0', f'--device={device}',
+                                   f'--dtype={dtype}', f"--concurrency={cfg['concurrency']}", f"--queue={max(levels)}",
+                                   f"--max_tokens_limit={cfg['max_tokens']}", *args],
+                                  stdout=subprocess.PIPE, stderr=errors, text=True, env=env,
+                                  cwd=os.path.dirname(os.path.abspath(script)))
     url = next((m.group(1) for line in server.stdout if (m := re.search(r'on (http://[\d.]+:\d+)/', line))), None)
     if url is None:
         said = open(errors.name).read().strip().splitlines()

@@ -265,7 +265,7 @@ class Job:
 
 
 class Worker:
-    """What runs the model, in the main thread (main): each round starts the next story of any
+    """Runs the model (in the main thread: see main). Each round starts the next story of any
     job without one, then runs one Batch step for every story being written. Up to concurrency
     jobs write at once; waiting jobs start as active ones finish."""
 
