@@ -6,6 +6,8 @@ sizes, a 1-minute budget or a short --max_iters; sizes only, as conftest.py allo
 for data and output. So the notebook's own recipe runs, its schedule keys included, and the LR
 it logs must end at min_lr. The notebook finds ../shared's stories and tokenizer files itself,
 as offline users' notebooks do."""
+import re
+
 import nbformat
 import pytest
 import torch
@@ -57,7 +59,9 @@ def test_the_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     report = shown(nb, "open(f'{OUT_DIR}/report.md')")[1]['text/markdown']
     assert report.startswith('# SLM run report') and 'val loss, full pass' in report
     stories = shown(nb, '!{sys.executable} sample.py')[0]
-    assert stories.count('Once upon a time') == 2, stories
+    # two stories, each from the prompt (a story may say it again), each followed by sample.py's separator
+    assert stories.startswith('Once upon a time') and stories.count('-' * 15) == 2, stories
+    assert len(re.findall(r'-{15}\s*Once upon a time', stories)) == 1, stories
     assert (out / 'slm-hf' / 'model.safetensors').is_file()
     hf_story = shown(nb, 'AutoModelForCausalLM')[0]
     assert hf_story.startswith('Once upon a time') and len(hf_story.split()) > 10, hf_story
