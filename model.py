@@ -5,7 +5,7 @@ Parameter names follow GPT-2/nanoGPT (transformer.wte, transformer.h.N.attn.c_at
 so weights map 1:1 onto GPT-2 layouts. Pre-LayerNorm blocks, causal attention through
 F.scaled_dot_product_attention, exact-GELU MLP, input/output embeddings tied. One forward
 serves training, evaluation and generation, which lives in engine.py (kv cache, sampling,
-the streaming loop); kernels.py holds the memory-lean autograd kernels training runs.
+the streaming loop); lean_kernels.py holds the memory-lean autograd kernels training runs.
 """
 import inspect
 import math
@@ -18,9 +18,9 @@ from torch.utils.checkpoint import checkpoint
 
 import engine
 # the custom kernels, chosen here and nowhere else: each computes what the PyTorch after it does, keeping less
-from kernels import Dropout  # nn.Dropout (a 1-byte mask on CPU)
-from kernels import GeluLinear  # c_proj(F.gelu(h)) while training (keeps h alone)
-from kernels import LinearCrossEntropy  # F.cross_entropy(lm_head(x), targets, ignore_index=-1) (chunked)
+from lean_kernels import Dropout  # nn.Dropout (a 1-byte mask on CPU)
+from lean_kernels import GeluLinear  # c_proj(F.gelu(h)) while training (keeps h alone)
+from lean_kernels import LinearCrossEntropy  # F.cross_entropy(lm_head(x), targets, ignore_index=-1) (chunked)
 from optim import MuonAdamW  # --optimizer=muon: Muon for the hidden matrices, AdamW for the rest
 
 

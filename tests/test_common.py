@@ -2,6 +2,7 @@
 the one-way flow of imports between the scripts and the shared modules."""
 import ast
 import importlib
+import importlib.metadata
 import json
 import os
 import re
@@ -144,14 +145,23 @@ def imported_modules(name):
     return found
 
 
+def test_no_module_of_ours_shadows_an_installed_package():
+    """The repo root comes first on sys.path, so a module named like an installed package hides it
+    from every library that imports it: kernels.py once broke transformers 5.x, which requires and
+    imports Hugging Face's `kernels` package."""
+    ours = {p.stem for p in REPO.glob('*.py')}
+    installed = set(importlib.metadata.packages_distributions())
+    assert not ours & installed, f"rename {sorted(ours & installed)}: an installed package has that name"
+
+
 def test_imports_flow_one_way():
-    """Scripts import the shared modules (every other .py beside them: common, model, kernels,
+    """Scripts import the shared modules (every other .py beside them: common, model, lean_kernels,
     engine, ...), never each other (bench.py alone times train.py's step and prepare.py's pipeline,
     and says so); a shared module imports no script, and the shared ones import each other
-    without cycles (model.py imports kernels and engine, which know nothing of model.py)."""
+    without cycles (model.py imports lean_kernels and engine, which know nothing of model.py)."""
     assert {'prepare', 'train', 'sample', 'eval', 'export', 'plot', 'bench', 'serve'} <= set(SCRIPTS)
     shared = sorted(p.stem for p in REPO.glob('*.py') if p.stem not in SCRIPTS)
-    assert {'common', 'device', 'data', 'checkpoints', 'hf', 'runlog', 'model', 'kernels', 'engine'} <= set(shared)
+    assert {'common', 'device', 'data', 'checkpoints', 'hf', 'runlog', 'model', 'lean_kernels', 'engine'} <= set(shared)
     uses = {name: imported_modules(name) & set(shared) - {name} for name in shared}
     for name in shared:
         assert not imported_modules(name) & set(SCRIPTS), name
@@ -162,7 +172,7 @@ def test_imports_flow_one_way():
                 reached.add(m)
                 todo += uses[m]
         assert name not in reached, f"{name} imports itself through {sorted(reached)}"
-    assert 'model' not in uses['engine'] | uses['kernels']
+    assert 'model' not in uses['engine'] | uses['lean_kernels']
     for name in SCRIPTS:
         allowed = {'train', 'prepare'} if name == 'bench' else set()
         assert imported_modules(name) & set(SCRIPTS) <= allowed, name

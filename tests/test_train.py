@@ -103,7 +103,7 @@ def test_accumulating_four_quarter_batches_matches_one_full_batch():
 
 @pytest.mark.parametrize('autocast_dtype', [None, torch.bfloat16])
 def test_memory_lean_training_path_matches_plain_autograd(monkeypatch, autocast_dtype):
-    """model.py keeps less for backward on CPU (checkpointed attention, kernels.py's GeluLinear and
+    """model.py keeps less for backward on CPU (checkpointed attention, lean_kernels.py's GeluLinear and
     byte-mask Dropout); the loss and every gradient must match plain autograd's, dropout masks included."""
     import model as M
     import torch.nn.functional as F

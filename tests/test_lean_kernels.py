@@ -1,10 +1,10 @@
-"""kernels.py: the custom autograd Functions (the fused output layer and loss, GELU + Linear)
+"""lean_kernels.py: the custom autograd Functions (the fused output layer and loss, GELU + Linear)
 against plain autograd and gradcheck in float64; and the loss under no_grad doing only forward work."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import GeluLinear, LinearCrossEntropy
+from lean_kernels import GeluLinear, LinearCrossEntropy
 from model import GPT, GPTConfig
 
 
