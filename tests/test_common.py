@@ -147,8 +147,8 @@ def imported_modules(name):
 
 def test_no_module_of_ours_shadows_an_installed_package():
     """The repo root comes first on sys.path, so a module named like an installed package hides it
-    from every library that imports it: kernels.py once broke transformers 5.x, which requires and
-    imports Hugging Face's `kernels` package."""
+    from every library that imports it (a kernels.py would hide Hugging Face's `kernels`, which
+    transformers 5.x requires and imports)."""
     ours = {p.stem for p in REPO.glob('*.py')}
     installed = set(importlib.metadata.packages_distributions())
     assert not ours & installed, f"rename {sorted(ours & installed)}: an installed package has that name"
